@@ -1,0 +1,49 @@
+"""Shared fixtures: paths to ../shared (skipping cleanly without it) and the CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COCO128 = SHARED / "datasets" / "coco128" / "data.yaml"
+YOLOV5N = SHARED / "weights" / "yolov5n.pt"
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def coco128_yaml() -> Path:
+    if not COCO128.exists():
+        pytest.skip(f"../shared coco128 not present at {COCO128}")
+    return COCO128
+
+
+@pytest.fixture(scope="session")
+def yolov5n_pt() -> Path:
+    if not YOLOV5N.exists():
+        pytest.skip(f"../shared official weights not present at {YOLOV5N}")
+    return YOLOV5N
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
+    """Run `python -m yolo ARGS` in a subprocess; returns CompletedProcess with text stdout/stderr."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "yolo", *map(str, args)],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

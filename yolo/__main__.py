@@ -1,0 +1,3 @@
+from yolo.cli import main
+
+raise SystemExit(main())
