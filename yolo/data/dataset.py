@@ -1,0 +1,351 @@
+"""Reading a YOLO dataset: data.yaml, the image list of a split, and the checks on one image/label pair.
+
+Everything here is pure (reads, never writes). `yolo/data/index.py` runs the per-file checks in
+parallel and keeps the verified index; `load_split` is the one entry point the later steps use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from yolo.errors import UserError, did_you_mean
+
+LOGGER = logging.getLogger(__name__)
+
+# upstream's IMG_FORMATS plus the netpbm/JPEG-2000 files OpenCV also reads
+IMG_FORMATS = frozenset({"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pbm", "pgm", "ppm",
+                         "pnm", "jp2"})
+SPLITS = ("train", "val", "test")
+KNOWN_KEYS = frozenset({"path", "train", "val", "test", "names", "nc", "download"})
+MIN_IMAGE_SIDE = 10  # upstream: an image must be larger than 9 px on each side
+JPEG_START = b"\xff\xd8\xff"
+JPEG_END = b"\xff\xd9"
+
+# problem codes (report.json contract) and what the pipeline does about each
+IMAGE_UNREADABLE = "image_unreadable"
+IMAGE_CORRUPT = "image_corrupt"
+IMAGE_TOO_SMALL = "image_too_small"
+LABEL_MISSING = "label_missing"
+LABEL_BAD_ROW = "label_bad_row"
+LABEL_OUT_OF_BOUNDS = "label_out_of_bounds"
+LABEL_CLASS_OUT_OF_RANGE = "label_class_out_of_range"
+LABEL_DUPLICATE = "label_duplicate"
+LABEL_ZERO_SIZE = "label_zero_size"
+NAMES_MISMATCH = "names_mismatch"
+SPLIT_EMPTY = "split_empty"
+SPLIT_TOO_MANY_BAD = "split_too_many_bad"
+SKIPPED, KEPT, KEPT_AS_BACKGROUND, ROW_DROPPED, FATAL = "skipped", "kept", "kept_as_background", "row_dropped", "fatal"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A parsed data.yaml: split sources resolved to absolute paths, class names as a list."""
+
+    yaml_path: Path
+    root: Path
+    splits: dict[str, list[Path]]
+    names: list[str]
+    nc: int
+
+
+@dataclass
+class SplitIndex:
+    """The verified, usable images of one split with their shapes (height, width) and labels."""
+
+    root: Path
+    files: list[str]  # posix paths relative to root, upstream order (sorted absolute paths)
+    shapes: np.ndarray  # (n, 2) int (height, width) after EXIF orientation
+    labels: list[np.ndarray]  # each (k, 5) float32 [class, cx, cy, w, h] normalised
+    names: list[str]
+    fingerprint: str  # content hash of this split's files and the data.yaml
+    skipped: list[str] = field(default_factory=list)  # unusable images (relative paths)
+    split: str = ""
+
+    def image_path(self, i: int) -> Path:
+        return self.root / self.files[i]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class SplitSourceMissing(UserError):
+    """A split's folder, list file or listed images are missing (validate reports it as split_empty)."""
+
+
+# ---------------------------------------------------------------------------------------------- data.yaml
+def _yaml_error_line(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f" line {mark.line + 1}" if mark is not None else ""
+
+
+def _parse_names(raw: dict, yaml_path: Path) -> tuple[list[str], list[str]]:
+    """Class names as a list, and the names/nc disagreements (names_mismatch) found on the way."""
+    mismatches: list[str] = []
+    names_raw, nc_raw = raw.get("names"), raw.get("nc")
+    if nc_raw is not None and (isinstance(nc_raw, bool) or not isinstance(nc_raw, int) or nc_raw < 1):
+        raise UserError(f"{yaml_path}: `nc` must be a positive integer, got {nc_raw!r}")
+    if names_raw is None:
+        if nc_raw is None:
+            raise UserError(f"{yaml_path}: missing key `names` (a list of class names, or {{id: name}})")
+        return [f"class{i}" for i in range(nc_raw)], mismatches
+    if isinstance(names_raw, dict):
+        ids = list(names_raw)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in ids):
+            raise UserError(f"{yaml_path}: `names` keys must be integer class ids, got {ids[:5]!r}")
+        names = [str(names_raw[k]) for k in sorted(ids)]
+        if sorted(ids) != list(range(len(ids))):
+            mismatches.append(f"{yaml_path}: `names` ids must be 0..{len(ids) - 1} without gaps, "
+                              f"got {sorted(ids)[:10]}")
+    elif isinstance(names_raw, list):
+        names = [str(n) for n in names_raw]
+    else:
+        raise UserError(f"{yaml_path}: `names` must be a list or a mapping {{id: name}}, got "
+                        f"{type(names_raw).__name__}")
+    if not names:
+        raise UserError(f"{yaml_path}: `names` is empty")
+    if nc_raw is not None and nc_raw != len(names):
+        mismatches.append(f"{yaml_path}: nc is {nc_raw} but `names` lists {len(names)} classes")
+    return names, mismatches
+
+
+def _resolve_sources(value, key: str, root: Path, yaml_path: Path) -> list[Path]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) and v.strip() for v in items):
+        raise UserError(f"{yaml_path}: `{key}` must be a folder, a .txt list of images or a list of folders, "
+                        f"got {value!r}")
+    return [Path(os.path.normpath(root / v.strip())) for v in items]
+
+
+def parse_data_config(path: str | os.PathLike) -> tuple[DataConfig, list[str]]:
+    """Parse data.yaml; returns the config and the names/nc disagreements (validate reports them)."""
+    yaml_path = Path(path)
+    if not yaml_path.is_file():
+        where = "" if yaml_path.is_absolute() else f" (looked in {Path.cwd()})"
+        raise UserError(f"data.yaml not found: {yaml_path}{where}")
+    try:
+        raw = yaml.safe_load(yaml_path.read_bytes())
+    except yaml.YAMLError as e:
+        raise UserError(f"{yaml_path}{_yaml_error_line(e)}: not valid YAML: "
+                        f"{getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{yaml_path}: cannot read: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{yaml_path}: must be a mapping with `train`, `val` and `names`, "
+                        f"got {type(raw).__name__}")
+    raw = {str(k): v for k, v in raw.items()}
+    for key in ("train", "val"):
+        if raw.get(key) is None:
+            near = [k for k in raw if k not in KNOWN_KEYS and did_you_mean(k, [key])]
+            hint = f"; found `{near[0]}`{did_you_mean(near[0], [key])}" if near else ""
+            raise UserError(f"{yaml_path}: missing required key `{key}`{hint}")
+    names, mismatches = _parse_names(raw, yaml_path)
+
+    yaml_dir = yaml_path.resolve().parent
+    path_value = raw.get("path")
+    if path_value is not None and not isinstance(path_value, str):
+        raise UserError(f"{yaml_path}: `path` must be a string, got {path_value!r}")
+    # deliberate difference from upstream: `path` is relative to the yaml's folder, not to the YOLOv5 tree
+    root = Path(os.path.normpath(yaml_dir / path_value)) if path_value else yaml_dir
+    if not root.is_dir():
+        raise UserError(f"{yaml_path}: dataset root {root} does not exist (`path: {path_value}` is resolved "
+                        f"relative to the data.yaml's folder {yaml_dir})")
+    splits = {k: _resolve_sources(raw[k], k, root, yaml_path) for k in SPLITS if raw.get(k) not in (None, "", [])}
+    return DataConfig(yaml_path=yaml_path.resolve(), root=root, splits=splits, names=names, nc=len(names)), mismatches
+
+
+def load_data_config(path: str | os.PathLike) -> DataConfig:
+    """Parse and check data.yaml; UserError on every problem (missing keys, names/nc disagreeing, ...)."""
+    config, mismatches = parse_data_config(path)
+    if mismatches:
+        raise UserError(mismatches[0])
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- file lists
+def is_image_file(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMG_FORMATS if "." in name else False
+
+
+def _images_in_folder(folder: Path) -> list[str]:
+    # upstream globs `**/*.*` (recursive, hidden entries skipped); os.walk is the same without glob's cost
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f))
+    return found
+
+
+def _images_in_list(txt: Path) -> list[str]:
+    try:
+        lines = txt.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SplitSourceMissing(f"cannot read image list {txt}: {e}") from None
+    # relative lines ('./x.jpg' or 'x.jpg') are resolved against the list's folder (upstream: only './')
+    return [os.path.normpath(txt.parent / line.strip()) for line in lines if line.strip() and is_image_file(line.strip())]
+
+
+def list_split_images(data: DataConfig, split: str) -> list[Path]:
+    """All image files of a split (absolute, deduplicated, sorted as upstream sorts them)."""
+    if split not in data.splits:
+        raise UserError(f"{data.yaml_path}: no `{split}` split (has: {', '.join(data.splits) or 'none'})"
+                        f"{did_you_mean(split, data.splits)}")
+    files: list[str] = []
+    for source in data.splits[split]:
+        if source.is_dir():
+            files += _images_in_folder(source)
+        elif source.is_file():
+            files += _images_in_list(source)
+        else:
+            raise SplitSourceMissing(f"{data.yaml_path}: `{split}` source {source} does not exist "
+                                     f"(resolved relative to the dataset root {data.root})")
+    return [Path(f) for f in sorted(set(files))]
+
+
+def label_path_for(image: str | os.PathLike) -> Path:
+    """Upstream's rule: the last `/images/` becomes `/labels/`, the suffix becomes `.txt`."""
+    s = os.fspath(image)
+    a, b = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    s = b.join(s.rsplit(a, 1))
+    return Path(s.rsplit(".", 1)[0] + ".txt")
+
+
+def relative_to_root(path: str | os.PathLike, root: Path) -> str:
+    """Posix path relative to the dataset root ('..' segments when a listed file lies outside it)."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+# ---------------------------------------------------------------------------------------------- checks
+Problem = tuple[str, str]  # (code, message); the caller adds split, file and action
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_image_bytes(data: bytes) -> tuple[tuple[int, int] | None, list[Problem], bool]:
+    """Decode as the loader will; returns ((height, width) or None, problems, usable)."""
+    if not data:
+        return None, [(IMAGE_UNREADABLE, "empty file")], False
+    is_jpeg = data[:3] == JPEG_START
+    im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # EXIF orientation applied
+    if im is None:
+        if is_jpeg:
+            return None, [(IMAGE_CORRUPT, "truncated or corrupt JPEG that OpenCV cannot decode")], False
+        return None, [(IMAGE_UNREADABLE, "OpenCV cannot decode this file")], False
+    h, w = im.shape[:2]
+    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+        return (h, w), [(IMAGE_TOO_SMALL, f"image is {w}x{h} px, under {MIN_IMAGE_SIDE} px on a side")], False
+    if is_jpeg and not data.endswith(JPEG_END):
+        # upstream rewrites such files in place; we never write the dataset: it decodes, so keep it
+        return (h, w), [(IMAGE_CORRUPT, "JPEG has no end marker (FF D9) but decodes at full size")], True
+    return (h, w), [], True
+
+
+def _lines_message(what: str, lines: np.ndarray | list[int], detail: list[str]) -> str:
+    extra = f" (+{len(lines) - 1} more rows)" if len(lines) > 1 else ""
+    return f"line {lines[0]}: {detail[0]}{extra}" if detail else f"line {lines[0]}: {what}{extra}"
+
+
+def parse_label_bytes(data: bytes, nc: int) -> tuple[np.ndarray, list[tuple[str, str, str]], bool]:
+    """Parse a label file; returns (labels (k, 5) float32, [(code, message, action)], usable).
+
+    A file with a bad row, a class outside [0, nc) or coordinates outside [0, 1] is unusable as a
+    whole (upstream skips it); zero-size boxes and exact duplicate rows are dropped, the rest kept.
+    """
+    empty = np.zeros((0, 5), np.float32)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return empty, [(LABEL_BAD_ROW, f"not UTF-8 text (byte {e.start})", SKIPPED)], False
+    boxes: list[list[float]] = []
+    box_lines: list[int] = []
+    bad: list[tuple[int, str]] = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        n = len(tokens)
+        if n != 5 and not (n > 6 and n % 2 == 1):
+            bad.append((line_no, f"expected 5 values (class cx cy w h) or a polygon (class x1 y1 x2 y2 ...), "
+                                 f"got {n}"))
+            continue
+        try:
+            values = [float(t) for t in tokens]
+        except ValueError:
+            word = next(t for t in tokens if not _is_float(t))
+            bad.append((line_no, f"not a number: {word[:20]!r}"))
+            continue
+        if not all(math.isfinite(v) for v in values):
+            bad.append((line_no, "values must be finite numbers"))
+            continue
+        if n > 5:  # polygon (segment) -> its bounding box, as upstream's segments2boxes
+            xy = np.asarray(values[1:], np.float64).reshape(-1, 2)
+            (x0, y0), (x1, y1) = xy.min(0), xy.max(0)
+            values = [values[0], (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
+        boxes.append(values)
+        box_lines.append(line_no)
+
+    problems: list[tuple[str, str, str]] = []
+    if bad:
+        problems.append((LABEL_BAD_ROW, _lines_message("", [b[0] for b in bad], [b[1] for b in bad]), SKIPPED))
+    if not boxes:
+        return empty, problems, not bad
+    lb = np.asarray(boxes, np.float32)  # checks on float32 values, as upstream checks them
+    lines = np.asarray(box_lines)
+    cls = lb[:, 0]
+    bad_class = (cls < 0) | (cls >= nc) | (cls != np.round(cls))
+    if bad_class.any():
+        i = np.flatnonzero(bad_class)
+        problems.append((LABEL_CLASS_OUT_OF_RANGE, _lines_message(
+            "", lines[i].tolist(), [f"class {cls[i[0]]:g} is not an integer in [0, {nc})"]), SKIPPED))
+    out = ((lb[:, 1:] < 0) | (lb[:, 1:] > 1)).any(1)
+    if out.any():
+        i = np.flatnonzero(out)
+        coords = " ".join(f"{v:g}" for v in lb[i[0], 1:])
+        problems.append((LABEL_OUT_OF_BOUNDS, _lines_message(
+            "", lines[i].tolist(), [f"cx cy w h must be in [0, 1], got {coords}"]), SKIPPED))
+    if bad or bad_class.any() or out.any():
+        return empty, problems, False
+
+    zero = (lb[:, 3] == 0) | (lb[:, 4] == 0)
+    if zero.any():
+        i = np.flatnonzero(zero)
+        problems.append((LABEL_ZERO_SIZE, _lines_message("box with zero width or height", lines[i].tolist(), []),
+                         ROW_DROPPED))
+        lb, lines = lb[~zero], lines[~zero]
+    if len(lb):
+        _, first = np.unique(lb, axis=0, return_index=True)
+        if len(first) < len(lb):
+            keep = np.sort(first)  # first occurrences, file order kept (upstream re-sorts the rows)
+            dup = np.setdiff1d(np.arange(len(lb)), keep)
+            problems.append((LABEL_DUPLICATE, _lines_message("duplicate of an earlier row", lines[dup].tolist(), []),
+                             ROW_DROPPED))
+            lb = lb[keep]
+    return np.ascontiguousarray(lb, np.float32).reshape(-1, 5), problems, True
+
+
+def _is_float(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def load_split(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
+               single_cls: bool = False) -> SplitIndex:
+    """The verified usable images of `split`: from validate's index when it still matches the files on
+    disk (changed files are re-verified), else verified in-process (nothing written)."""
+    from yolo.data.index import build_split_index  # index.py imports this module
+
+    return build_split_index(data, split, index_dir=index_dir, single_cls=single_cls)

@@ -1,0 +1,358 @@
+"""The verified index: per-file checks run in parallel, content hashes, fingerprints, and DIR/index/ on disk.
+
+On disk (no pickle anywhere): `index.json` (format, data.yaml hash, names, fingerprints, problems) and
+one `SPLIT.npz` per split (read with allow_pickle=False): relative paths, size, mtime_ns and sha256 of
+every image and label file, shapes, a usable flag, and all boxes as one (N, 5) array with per-image
+counts. Paths are relative to the dataset root, so a copied or re-mounted dataset reuses the index:
+files whose size and mtime still match are trusted, the others are re-hashed, and only a file whose
+bytes changed is verified again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.pool import Pool, ThreadPool
+from pathlib import Path
+
+import numpy as np
+
+from yolo.data.dataset import (
+    IMAGE_UNREADABLE,
+    KEPT_AS_BACKGROUND,
+    LABEL_BAD_ROW,
+    LABEL_MISSING,
+    SKIPPED,
+    DataConfig,
+    SplitIndex,
+    UserError,
+    check_image_bytes,
+    content_hash,
+    label_path_for,
+    list_split_images,
+    parse_label_bytes,
+    relative_to_root,
+)
+
+LOGGER = logging.getLogger(__name__)
+INDEX_FORMAT = "yolo-pipeline-index"
+INDEX_VERSION = 1
+PARALLEL_MIN_FILES = 32  # below this a pool costs more than it saves
+
+
+@dataclass
+class FileRecord:
+    """Everything validate learns about one image and its label file."""
+
+    image: str  # relative to the dataset root, posix
+    label: str
+    image_size: int
+    image_mtime_ns: int
+    image_hash: str
+    label_size: int  # -1: no label file
+    label_mtime_ns: int
+    label_hash: str  # "" when there is no label file
+    shape: tuple[int, int]  # (height, width), (0, 0) when undecodable
+    usable: bool
+    labels: np.ndarray  # (k, 5) float32
+    problems: list[tuple[str, str, str, str]] = field(default_factory=list)  # (code, file, message, action)
+
+
+# ---------------------------------------------------------------------------------------------- one file
+def _read(path: str) -> tuple[bytes, os.stat_result]:
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        return f.read(), st
+
+
+def verify_file(task: tuple[str, str, str, str, int, tuple[str, str] | None]) -> FileRecord | tuple:
+    """Read, hash and check one image/label pair (bytes read once).
+
+    task = (image_abs, label_abs, image_rel, label_rel, nc, expected_hashes). With expected hashes that
+    match the bytes on disk, returns only ('same', sizes, mtimes) so the caller reuses its record.
+    """
+    image_abs, label_abs, image_rel, label_rel, nc, expected = task
+    try:
+        image_bytes, st = _read(image_abs)
+        image_stat, image_error = (st.st_size, st.st_mtime_ns), None
+    except OSError as e:
+        image_bytes, image_stat, image_error = b"", (-1, -1), e.strerror or str(e)
+    try:
+        label_bytes, lst = _read(label_abs)
+        label_stat, label_error, label_exists = (lst.st_size, lst.st_mtime_ns), None, True
+    except FileNotFoundError:
+        label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), None, False
+    except OSError as e:  # a folder named like the label, no permission, ...
+        label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), e.strerror or str(e), True
+    image_hash = content_hash(image_bytes) if image_error is None else ""
+    label_hash = content_hash(label_bytes) if label_exists and label_error is None else ""
+    if expected is not None and image_error is None and expected == (image_hash, label_hash):
+        return ("same", image_stat, label_stat)
+
+    problems: list[tuple[str, str, str, str]] = []
+    labels = np.zeros((0, 5), np.float32)
+    if image_error is not None:
+        shape, usable = None, False
+        problems.append((IMAGE_UNREADABLE, image_rel, f"cannot read: {image_error}", SKIPPED))
+    else:
+        shape, image_problems, usable = check_image_bytes(image_bytes)
+        problems += [(code, image_rel, msg, SKIPPED if not usable else "kept") for code, msg in image_problems]
+    if usable:
+        if label_error is not None:
+            usable = False
+            problems.append((LABEL_BAD_ROW, label_rel, f"cannot read: {label_error}", SKIPPED))
+        elif not label_exists:
+            problems.append((LABEL_MISSING, label_rel, "no label file: image used as background",
+                             KEPT_AS_BACKGROUND))
+        else:
+            labels, label_problems, usable = parse_label_bytes(label_bytes, nc)
+            problems += [(code, label_rel, msg, action) for code, msg, action in label_problems]
+    return FileRecord(
+        image=image_rel, label=label_rel, image_size=image_stat[0], image_mtime_ns=image_stat[1],
+        image_hash=image_hash, label_size=label_stat[0], label_mtime_ns=label_stat[1], label_hash=label_hash,
+        shape=tuple(shape) if shape else (0, 0), usable=usable, labels=labels, problems=problems)
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one decode per worker; the pool provides the parallelism
+
+
+def parallel_map(fn: Callable, tasks: list, workers: int = 0, executor: str = "thread",
+                 progress: str | None = None) -> Iterator:
+    """fn over tasks in order, on all cores; a tqdm bar on stderr when `progress` names it.
+
+    Threads are the default: decoding, hashing and file reads release the GIL, results need no
+    pickling, and nothing is forked from a process that may already run torch threads.
+    """
+    workers = max(1, min(workers or available_cpus(), len(tasks)))
+    if progress is not None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc=progress, unit="img", leave=False, disable=None, dynamic_ncols=True)
+    else:
+        bar = None
+    try:
+        if workers == 1 or len(tasks) < PARALLEL_MIN_FILES:
+            results: Iterable = map(fn, tasks)
+            pool = None
+        else:
+            pool_cls = Pool if executor == "process" else ThreadPool
+            pool = pool_cls(workers, initializer=_init_worker if executor == "process" else None)
+            results = pool.imap(fn, tasks, chunksize=max(1, min(64, len(tasks) // (workers * 8))))
+        for r in results:
+            if bar is not None:
+                bar.update(1)
+            yield r
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+
+
+# ---------------------------------------------------------------------------------------------- a split
+def yaml_hash(data: DataConfig) -> str:
+    return content_hash(data.yaml_path.read_bytes())
+
+
+def split_fingerprint(yaml_sha: str, split: str, records: list[FileRecord]) -> str:
+    """Hash of the data.yaml and every (path, image hash, label hash) of the split, in sorted order."""
+    h = hashlib.sha256(f"{INDEX_FORMAT} {INDEX_VERSION}\n{yaml_sha}\n{split}\n".encode())
+    for r in sorted(records, key=lambda r: r.image):
+        h.update(f"{r.image}\t{r.image_hash}\t{r.label_hash}\n".encode())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(yaml_sha: str, split_fingerprints: dict[str, str]) -> str:
+    """Hash of the data.yaml and all split fingerprints (what report.json and index.json record)."""
+    h = hashlib.sha256(f"{yaml_sha}\n".encode())
+    for split in sorted(split_fingerprints):
+        h.update(f"{split}\t{split_fingerprints[split]}\n".encode())
+    return h.hexdigest()
+
+
+def verify_split(data: DataConfig, split: str, images: list[Path] | None = None,
+                 previous: dict[str, FileRecord] | None = None, workers: int = 0, executor: str = "thread",
+                 progress: bool = True) -> list[FileRecord]:
+    """Verify every image of `split` (reusing `previous` records whose files are unchanged), in order."""
+    images = list_split_images(data, split) if images is None else images
+    previous = previous or {}
+    records: list[FileRecord | None] = [None] * len(images)
+    tasks, slots = [], []
+    for i, image in enumerate(images):
+        rel = relative_to_root(image, data.root)
+        label = label_path_for(image)
+        old = previous.get(rel)
+        if old is not None and _unchanged(old, image, label):
+            records[i] = old
+            continue
+        expected = (old.image_hash, old.label_hash) if old is not None else None
+        tasks.append((str(image), str(label), rel, relative_to_root(label, data.root), data.nc, expected))
+        slots.append(i)
+    if previous and tasks:
+        LOGGER.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
+    desc = f"{split}: verifying {len(tasks)} images" if progress else None
+    for slot, task, result in zip(slots, tasks, parallel_map(verify_file, tasks, workers, executor, desc),
+                                  strict=True):
+        if isinstance(result, tuple):  # same bytes, new size/mtime (a copy, a checkout): reuse the record
+            old = previous[task[2]]
+            old.image_size, old.image_mtime_ns = result[1]
+            old.label_size, old.label_mtime_ns = result[2]
+            records[slot] = old
+        else:
+            records[slot] = result
+    return records  # type: ignore[return-value]
+
+
+def _unchanged(record: FileRecord, image: Path, label: Path) -> bool:
+    try:
+        st = image.stat()
+    except OSError:
+        return False
+    if (st.st_size, st.st_mtime_ns) != (record.image_size, record.image_mtime_ns):
+        return False
+    try:
+        lst = label.stat()
+    except FileNotFoundError:
+        return record.label_size == -1 and record.label_hash == ""
+    except OSError:
+        return False
+    return (lst.st_size, lst.st_mtime_ns) == (record.label_size, record.label_mtime_ns)
+
+
+def split_index_from_records(data: DataConfig, split: str, records: list[FileRecord], fingerprint: str,
+                             single_cls: bool = False) -> SplitIndex:
+    usable = [r for r in records if r.usable]
+    labels = [r.labels.copy() for r in usable]
+    names = list(data.names)
+    if single_cls:  # upstream folds every class into 0 and names the one class 'item'
+        for lb in labels:
+            lb[:, 0] = 0
+        names = names if len(names) == 1 else ["item"]
+    return SplitIndex(
+        root=data.root, files=[r.image for r in usable],
+        shapes=np.array([r.shape for r in usable], dtype=np.int64).reshape(-1, 2), labels=labels, names=names,
+        fingerprint=fingerprint, skipped=[r.image for r in records if not r.usable], split=split)
+
+
+def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
+                      single_cls: bool = False) -> SplitIndex:
+    """load_split's body: reuse validate's index where it still holds, verify the rest in-process."""
+    yaml_sha = yaml_hash(data)
+    previous = None
+    if index_dir is not None:
+        previous = read_split_records(Path(index_dir), split, yaml_sha)
+    images = list_split_images(data, split)
+    if not images:
+        raise UserError(f"{data.yaml_path}: split `{split}` has no images "
+                        f"(looked in {', '.join(map(str, data.splits[split]))})")
+    records = verify_split(data, split, images, previous=previous)
+    index = split_index_from_records(data, split, records, split_fingerprint(yaml_sha, split, records), single_cls)
+    if not index.files:
+        raise UserError(f"{data.yaml_path}: split `{split}` has no usable images ({len(index.skipped)} skipped; "
+                        f"run `yolo-pipeline validate` for the reasons)")
+    if index.skipped:
+        LOGGER.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
+                    f"(see validate's report.json)")
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- on disk
+def write_index(out_dir: Path, data: DataConfig, yaml_sha: str, split_records: dict[str, list[FileRecord]],
+                split_fps: dict[str, str], fingerprint: str) -> Path:
+    """Write DIR/index/ atomically: built in a temp folder beside it, then renamed into place."""
+    final = out_dir / "index"
+    tmp = Path(tempfile.mkdtemp(prefix=".index.", dir=out_dir))
+    try:
+        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "data_yaml": str(data.yaml_path),
+                "data_yaml_sha256": yaml_sha, "root": str(data.root), "names": data.names, "nc": data.nc,
+                "fingerprint": fingerprint, "splits": {}}
+        for split, records in split_records.items():
+            counts = np.array([len(r.labels) for r in records], np.int64)
+            boxes = (np.concatenate([r.labels for r in records]) if records else np.zeros((0, 5))).astype(np.float32)
+            with open(tmp / f"{split}.npz", "wb") as f:
+                np.savez(
+                    f,
+                    image=np.array([r.image for r in records], dtype=str),
+                    label=np.array([r.label for r in records], dtype=str),
+                    image_size=np.array([r.image_size for r in records], np.int64),
+                    image_mtime_ns=np.array([r.image_mtime_ns for r in records], np.int64),
+                    image_hash=np.array([r.image_hash for r in records], dtype=str),
+                    label_size=np.array([r.label_size for r in records], np.int64),
+                    label_mtime_ns=np.array([r.label_mtime_ns for r in records], np.int64),
+                    label_hash=np.array([r.label_hash for r in records], dtype=str),
+                    shape=np.array([r.shape for r in records], np.int64).reshape(-1, 2),
+                    usable=np.array([r.usable for r in records], bool),
+                    box_count=counts,
+                    boxes=boxes.reshape(-1, 5),
+                )
+                os.fsync(f.fileno())
+            problems = [[i, *p] for i, r in enumerate(records) for p in r.problems]
+            meta["splits"][split] = {"fingerprint": split_fps[split], "images": len(records),
+                                     "arrays": f"{split}.npz", "problems": problems}
+        (tmp / "index.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        old = None
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=".index.old.", dir=out_dir))
+            os.replace(final, old / "index")
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def read_split_records(index_dir: Path, split: str, yaml_sha: str) -> dict[str, FileRecord] | None:
+    """The stored records of `split` by relative path, or None (logged) when the index cannot be used."""
+    meta_path = index_dir / "index.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
+            raise ValueError(f"format {meta.get('format')} v{meta.get('version')}, need {INDEX_FORMAT} "
+                             f"v{INDEX_VERSION}")
+        if meta.get("data_yaml_sha256") != yaml_sha:
+            LOGGER.warning(f"index {index_dir} was built for a different data.yaml; verifying in-process")
+            return None
+        if split not in meta["splits"]:
+            LOGGER.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
+            return None
+        with np.load(index_dir / meta["splits"][split]["arrays"], allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError as e:
+        raise UserError(f"index not found: {e.filename} (run `yolo-pipeline validate --out DIR` and pass "
+                        f"DIR/index)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        LOGGER.warning(f"index {index_dir} is unreadable ({e}); verifying in-process")
+        return None
+    offsets = np.concatenate([[0], np.cumsum(arrays["box_count"])])
+    problems: dict[int, list] = {}
+    for i, *p in meta["splits"][split]["problems"]:
+        problems.setdefault(i, []).append(tuple(p))
+    records = {}
+    for i, rel in enumerate(arrays["image"].tolist()):
+        records[rel] = FileRecord(
+            image=rel, label=str(arrays["label"][i]), image_size=int(arrays["image_size"][i]),
+            image_mtime_ns=int(arrays["image_mtime_ns"][i]), image_hash=str(arrays["image_hash"][i]),
+            label_size=int(arrays["label_size"][i]), label_mtime_ns=int(arrays["label_mtime_ns"][i]),
+            label_hash=str(arrays["label_hash"][i]), shape=tuple(int(v) for v in arrays["shape"][i]),
+            usable=bool(arrays["usable"][i]), labels=arrays["boxes"][offsets[i]:offsets[i + 1]],
+            problems=problems.get(i, []))
+    return records
