@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool, ThreadPool
@@ -278,7 +278,8 @@ def write_index(out_dir: Path, data: DataConfig, yaml_sha: str, split_records: d
                 split_fps: dict[str, str], fingerprint: str) -> Path:
     """Write DIR/index/ atomically: built in a temp folder beside it, then renamed into place."""
     final = out_dir / "index"
-    tmp = Path(tempfile.mkdtemp(prefix=".index.", dir=out_dir))
+    tmp = out_dir / f".index.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not mkdtemp: the index folder gets the usual umask permissions, not 0700
     try:
         meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "data_yaml": str(data.yaml_path),
                 "data_yaml_sha256": yaml_sha, "root": str(data.root), "names": data.names, "nc": data.nc,
@@ -309,8 +310,8 @@ def write_index(out_dir: Path, data: DataConfig, yaml_sha: str, split_records: d
         (tmp / "index.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=".index.old.", dir=out_dir))
-            os.replace(final, old / "index")
+            old = out_dir / f".index.old.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
