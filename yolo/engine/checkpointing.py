@@ -1,0 +1,220 @@
+"""Where checkpoints go: atomic local files, mirrored to `--checkpoint-uri` by a background uploader.
+
+Training never waits for the network. `CheckpointSink.publish(path, key)` hard-links the freshly written
+file to a private snapshot (so a later atomic replace of the local file cannot change bytes under an
+upload in progress) and queues it; one worker thread uploads, at most one transfer in flight, and a newer
+snapshot of the same key replaces a queued older one (newest wins). A failing store is retried with
+back-off while training goes on; `close()` waits for the final state to land.
+
+Also here: the RNG states that last.pt carries, in a form `torch.load(weights_only=True)` reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from yolo.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) generator states as tensors, lists and ints."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else x
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Undo capture_rng (CUDA states only when the device count matches)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ------------------------------------------------------------------------------------------ sink
+
+
+class CheckpointSink:
+    """Mirror files of the run folder to a storage URI in the background (see module docstring).
+
+    `uri=None` makes every call a no-op, so the loop calls it unconditionally. `storage` may be given
+    directly (tests); otherwise `yolo.storage.open_storage(uri)` is opened lazily.
+    """
+
+    def __init__(
+        self,
+        uri: str | None,
+        storage: Any = None,
+        retry_initial_s: float = 2.0,
+        retry_max_s: float = 60.0,
+    ) -> None:
+        self.uri = uri
+        self._storage = storage
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._pending: OrderedDict[str, Path] = OrderedDict()  # key -> staged snapshot
+        self._in_flight: str | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stage_dir: Path | None = None
+        self._thread: threading.Thread | None = None
+        self.uploaded: list[str] = []  # keys in upload order (observability, tests)
+        self.failures = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.uri is not None
+
+    @property
+    def storage(self):
+        if self._storage is None and self.uri is not None:
+            from yolo.storage import open_storage  # lazy: boto3 only when a URI is given
+
+            self._storage = open_storage(self.uri)
+        return self._storage
+
+    def check(self) -> None:
+        """Fail fast (UserError, one line) when the store is unreachable or not writable."""
+        if self.enabled:
+            self.storage.check_access(write=True)
+
+    def exists(self, key: str) -> bool:
+        return self.enabled and self.storage.exists(key)
+
+    def fetch(self, key: str, local_path: Path) -> Path | None:
+        """Download `key` (checksum verified) to `local_path`; None when the store has no such key."""
+        if not self.enabled or not self.storage.exists(key):
+            return None
+        return self.storage.get(key, local_path)
+
+    def publish(self, path: Path, key: str) -> None:
+        """Queue an upload of the file now at `path` under `key`; returns at once."""
+        if not self.enabled:
+            return
+        snapshot = self._snapshot(Path(path), key)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("CheckpointSink is closed")
+            older = self._pending.pop(key, None)
+            self._pending[key] = snapshot
+            self._cond.notify_all()
+        if older is not None:
+            older.unlink(missing_ok=True)
+        self._ensure_thread()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far is uploaded; False if `timeout` ran out first."""
+        if not self.enabled:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._in_flight is not None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the worker. Returns False when uploads were still pending at the timeout."""
+        done = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            abandoned = list(self._pending)
+            for staged in self._pending.values():
+                staged.unlink(missing_ok=True)
+            self._pending.clear()
+            self._cond.notify_all()
+        if abandoned:
+            log.warning(f"gave up uploading {', '.join(abandoned)} to {self.uri}; the local copies are complete")
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+        if self._stage_dir is not None:
+            shutil.rmtree(self._stage_dir, ignore_errors=True)
+        return done
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _snapshot(self, path: Path, key: str) -> Path:
+        if self._stage_dir is None:
+            self._stage_dir = Path(tempfile.mkdtemp(prefix=".upload-", dir=path.parent))
+        fd, name = tempfile.mkstemp(prefix=key.replace("/", "_") + ".", dir=self._stage_dir)
+        os.close(fd)
+        staged = Path(name)
+        staged.unlink()
+        try:
+            os.link(path, staged)  # same bytes, no copy; immune to a later os.replace of `path`
+        except OSError:
+            shutil.copyfile(path, staged)
+        return staged
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="checkpoint-upload", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        delay = self._retry_initial_s
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending and self._closed:
+                    return
+                key, staged = self._pending.popitem(last=False)
+                self._in_flight = key
+            try:
+                self.storage.put(staged, key)
+            except Exception as e:  # noqa: BLE001 - any store failure: warn and retry, never kill training
+                self.failures += 1
+                reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+                log.warning(f"checkpoint upload of {key} to {self.uri} failed ({reason}); retrying in {delay:.0f}s")
+                with self._cond:
+                    if key not in self._pending:  # nothing newer arrived: retry this snapshot
+                        self._pending[key] = staged
+                        self._pending.move_to_end(key, last=False)
+                    else:
+                        staged.unlink(missing_ok=True)
+                    self._in_flight = None
+                    self._cond.notify_all()
+                    self._cond.wait(delay)  # woken early by close()/newer files, which is fine
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            staged.unlink(missing_ok=True)
+            delay = self._retry_initial_s
+            with self._cond:
+                self.uploaded.append(key)
+                self._in_flight = None
+                self._cond.notify_all()
