@@ -251,3 +251,18 @@ def test_s3_object_without_recorded_checksum_still_downloads(s3_env, s3_bucket, 
     storage.client.put_object(Bucket=s3_bucket, Key="data/images/a.jpg", Body=b"jpeg bytes")
     assert storage.list() == ["images/a.jpg"]
     assert storage.get("images/a.jpg", tmp_path / "a.jpg").read_bytes() == b"jpeg bytes"
+
+
+def test_fingerprint_follows_content_changes(storage, tmp_path):
+    storage.put(_file(tmp_path / "a", 100), "d/a.jpg")
+    storage.put(_file(tmp_path / "b", 200), "d/b.jpg")
+    first = storage.fingerprint("d/")
+    assert first == storage.fingerprint("d/")  # stable when nothing changed
+    time.sleep(0.01)  # local tags are mtimes
+    storage.put(_file(tmp_path / "b2", 200, seed=5), "d/b.jpg")  # same size, new bytes
+    second = storage.fingerprint("d/")
+    assert second != first
+    storage.put(_file(tmp_path / "c", 10), "other/c.jpg")
+    assert storage.fingerprint("d/") == second  # outside the prefix: no effect
+    storage.delete("d/a.jpg")
+    assert storage.fingerprint("d/") != second

@@ -101,6 +101,19 @@ class Storage:
         """Raise StorageError (one line) unless the root is reachable (and writable when `write`)."""
         raise NotImplementedError
 
+    def fingerprint(self, prefix: str = "") -> str:
+        """SHA-256 over (key, size, version tag) of every object under `prefix`: changes when any does.
+
+        The tag is the S3 ETag, or a local file's mtime: cheap (no object is read), so it can key a cache.
+        """
+        digest = hashlib.sha256()
+        for key, size, tag in self._stat_all(prefix):
+            digest.update(f"{key}\0{size}\0{tag}\n".encode())
+        return digest.hexdigest()
+
+    def _stat_all(self, prefix: str) -> list[tuple[str, int, str]]:
+        raise NotImplementedError
+
     def put_bytes(self, data: bytes, key: str) -> str:
         """Upload bytes to `key`; returns uri_for(key)."""
         with tempfile.TemporaryDirectory(prefix="yolo-storage-") as tmp:
@@ -213,6 +226,10 @@ class LocalStorage(Storage):
             if key.startswith(prefix):
                 keys.append(key)
         return sorted(keys)
+
+    def _stat_all(self, prefix: str) -> list[tuple[str, int, str]]:
+        stats = [(key, (self.root / key).stat()) for key in self.list(prefix)]
+        return [(key, st.st_size, str(st.st_mtime_ns)) for key, st in stats]
 
     def delete(self, key: str) -> None:
         for path in (self._path(key), self._meta_path(key)):
@@ -455,8 +472,11 @@ class S3Storage(Storage):
         return self._head(key) is not None
 
     def list(self, prefix: str = "") -> list[str]:
+        return [key for key, _, _ in self._stat_all(prefix)]
+
+    def _stat_all(self, prefix: str) -> list[tuple[str, int, str]]:
         root = self._root
-        keys = []
+        found = []
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=root + prefix
@@ -465,10 +485,10 @@ class S3Storage(Storage):
                 for item in page.get("Contents", []):
                     key = item["Key"][len(root) :]
                     if key.split("/", 1)[0] != PARTIAL_DIR:
-                        keys.append(key)
+                        found.append((key, int(item.get("Size", 0)), str(item.get("ETag", ""))))
         except self._boto_errors() as e:
             raise self._fail(f"list of {self.uri}", e) from None
-        return sorted(keys)
+        return sorted(found)
 
     def delete(self, key: str) -> None:
         try:
