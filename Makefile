@@ -12,11 +12,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dvc]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dvc]'
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,dvc,pipeline]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,dvc,pipeline,export]'
 	touch $@ $(VENV)/.run-installed
 
 run: $(VENV)/.run-installed
