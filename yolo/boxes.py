@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torchvision
 
 Boxes = torch.Tensor | np.ndarray
 
@@ -170,6 +169,8 @@ def non_max_suppression(
     score, keep max_nms; NMS per class via a class * max_wh offset; keep max_det. Upstream's wall-clock
     time limit is deliberately left out: results must not depend on how busy the machine is.
     """
+    import torchvision  # lazily: importing it costs ~1 s, and most users of this module never run NMS
+
     if not 0 <= conf_thres <= 1 or not 0 <= iou_thres <= 1:
         raise ValueError(f"conf_thres {conf_thres} and iou_thres {iou_thres} must lie in [0, 1]")
     if isinstance(prediction, (list, tuple)):  # eval forward returns (decoded, raw maps)
