@@ -263,3 +263,24 @@ def test_ddp_style_wrapper_is_unwrapped():
     a = YoloLoss(model, Hyp())(preds, targets)[1]
     b = YoloLoss(Wrapper(model), Hyp())(preds, targets)[1]
     torch.testing.assert_close(a, b)
+
+
+def test_real_yolov5n_model_forward_backward_matches_reference():
+    from yolo.model import DetectionModel, load_cfg
+
+    torch.manual_seed(0)
+    model = DetectionModel(load_cfg("yolov5n.yaml"), nc=3).train()
+    head = model.model[-1]
+    torch.testing.assert_close(head.anchors[0, 0], torch.tensor([10 / 8, 13 / 8]))  # stride units
+    images = torch.rand(2, 3, 64, 96)
+    preds = model(images)
+    assert [tuple(p.shape) for p in preds] == [(2, 3, 8, 12, 8), (2, 3, 4, 6, 8), (2, 3, 2, 3, 8)]
+    targets = _random_targets(8, 2, 3, seed=15, border=True)
+    hyp = scale_loss_gains(Hyp(), nl=head.nl, nc=head.nc, imgsz=96)
+    total, items = YoloLoss(model, hyp)(preds, targets)
+    expected = _reference_loss(model, hyp, [p.detach() for p in preds], targets)
+    torch.testing.assert_close(items, expected, atol=1e-6, rtol=1e-5)
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(model.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
