@@ -1,0 +1,549 @@
+"""The evaluate step: upstream-equal mAP on a split, reports, plots, COCO export and a promotion gate.
+
+`evaluate_model` is the reusable core (the trainer calls it every epoch with its EMA model); `run` is
+the CLI step around it: load weights and data, evaluate, write every output, decide the gate.
+
+Numbers follow upstream val.py exactly: rect batches grouped at --batch-size (pad 0.5), upstream's
+resize + letterbox, NMS (multi-label, conf 0.001, IoU 0.6), matching and AP in `yolo.metrics`.
+Inference may run in smaller micro-batches of the same padded shape (much faster on CPU); the shapes,
+and therefore the numbers, depend only on --batch-size and --imgsz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from yolo.boxes import box_iou, non_max_suppression, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywhn
+from yolo.data.image import letterbox, read_image, resize_long_side
+from yolo.data.rect import rect_batches
+from yolo.errors import UserError
+from yolo.files import prepare_out_dir, write_json, write_text
+from yolo.metrics import IOU_THRESHOLDS, ClassAP, ConfusionMatrix, ap_per_class, fitness, match_predictions
+
+LOG = logging.getLogger(__name__)
+SPLITS = ("val", "test", "train")
+PR_CSV_POINTS = 101  # the COCO recall grid AP is integrated on
+
+
+# ------------------------------------------------------------------------------------------ configs
+@dataclass
+class EvalConfig:
+    """What decides the numbers (imgsz ... single_cls) and what only decides the speed (the rest)."""
+
+    imgsz: int = 640
+    batch_size: int = 32  # rect grouping, as upstream val.py's --batch-size
+    conf_thres: float = 0.001
+    iou_thres: float = 0.6
+    max_det: int = 300
+    single_cls: bool = False
+    micro_batch: int = 0  # images per forward inside a rect batch; 0 = auto (CPU 4, else whole batch)
+    workers: int = 4  # image-decoding threads
+    channels_last: bool = True  # channels_last inputs on CPU (+20-30% there)
+    collect_predictions: bool = False  # keep COCO-format detections for predictions.json
+
+
+@dataclass
+class ClassResult:
+    class_id: int
+    name: str
+    images: int  # images with at least one label of this class
+    instances: int
+    precision: float
+    recall: float
+    map50: float
+    map50_95: float
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["class"] = d.pop("class_id")
+        return d
+
+
+@dataclass
+class EvalResult:
+    """Totals, per class (classes that have labels), speeds; curves and matrix for reports and plots."""
+
+    precision: float
+    recall: float
+    map50: float
+    map50_95: float
+    fitness: float
+    images: int
+    instances: int
+    speed_ms: dict[str, float]  # per image: preprocess, inference, nms
+    per_class: list[ClassResult]
+    maps: np.ndarray  # (nc,) mAP50-95 per class, classes without labels get the mean (upstream `maps`)
+    class_ap: ClassAP | None  # None when the split has no labels
+    confusion: ConfusionMatrix
+    names: list[str]
+    predictions: list[dict] = field(default_factory=list)  # COCO results, when collected
+    image_ids: dict[str, int | str] = field(default_factory=dict)  # file -> COCO image_id
+
+    def totals(self) -> dict[str, float | int]:
+        return {
+            "precision": self.precision, "recall": self.recall, "map50": self.map50,
+            "map50_95": self.map50_95, "fitness": self.fitness, "images": self.images,
+            "instances": self.instances,
+        }
+
+
+# ------------------------------------------------------------------------------------------ loading
+@dataclass
+class _Sample:
+    image: np.ndarray  # (3, H, W) uint8 RGB
+    labels: np.ndarray  # (k, 5) float32 [class, cx, cy, w, h] normalised to the letterboxed image
+    shape0: tuple[int, int]  # original (h, w)
+    ratio_pad: tuple[tuple[float, float], tuple[float, float]]  # ((h/h0, w/w0), (padw, padh))
+
+
+def _load_sample(index, i: int, imgsz: int, batch_shape: tuple[int, int], single_cls: bool) -> _Sample:
+    """Upstream LoadImagesAndLabels.__getitem__ for rect evaluation, labels through the same round trip."""
+    path = index.image_path(i)
+    im = read_image(path)
+    if im is None:
+        raise UserError(f"cannot read image {path} (changed since it was indexed?)")
+    h0, w0 = im.shape[:2]
+    im = resize_long_side(im, imgsz, augment=False)
+    h, w = im.shape[:2]
+    im, ratio, pad = letterbox(im, batch_shape, auto=False, scaleup=False)
+    labels = np.array(index.labels[i], dtype=np.float32).reshape(-1, 5)
+    if single_cls:
+        labels[:, 0] = 0
+    if len(labels):
+        # pixel xyxy in the letterboxed image, clipped inside it, back to normalised xywh: upstream does
+        # this round trip, and the clip changes boxes that touch the border, so we do it too
+        xyxy = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
+        labels[:, 1:] = xyxy2xywhn(xyxy, w=im.shape[1], h=im.shape[0], clip=True, eps=1e-3)
+    chw = np.ascontiguousarray(im.transpose(2, 0, 1)[::-1])  # HWC BGR -> CHW RGB
+    return _Sample(chw, labels, (h0, w0), ((h / h0, w / w0), pad))
+
+
+def _rect_batch_stream(index, config: EvalConfig, stride: int) -> Iterator[tuple[np.ndarray, list[_Sample]]]:
+    """(dataset indices, samples) per rect batch in upstream order, decoded by a thread pool that stays
+    one batch ahead of the consumer (bounded memory for any split size)."""
+    rect = rect_batches(index.shapes, config.batch_size, config.imgsz, stride=stride, pad=0.5)
+    with ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="eval-load") as pool:
+        pending: deque[tuple[np.ndarray, list[Future]]] = deque()
+
+        def submit(b: int) -> None:
+            shape = (int(rect.shapes[b][0]), int(rect.shapes[b][1]))
+            members = rect.batch_indices(b)
+            pending.append((members, [pool.submit(_load_sample, index, int(i), config.imgsz, shape,
+                                                  config.single_cls) for i in members]))
+
+        for b in range(min(2, len(rect))):
+            submit(b)
+        for b in range(len(rect)):
+            members, futures = pending.popleft()
+            if b + 2 < len(rect):
+                submit(b + 2)
+            yield members, [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------------------- evaluation
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _coco_image_ids(files: Sequence[str]) -> dict[str, int | str]:
+    """COCO image_id per file: the numeric stem (COCO's own files) when every stem is numeric and unique,
+    else the 1-based position in the split's sorted file list."""
+    stems = [Path(f).stem for f in files]
+    if stems and all(s.isdigit() for s in stems) and len(set(stems)) == len(stems):
+        return {f: int(s) for f, s in zip(files, stems, strict=True)}
+    return {f: i + 1 for i, f in enumerate(files)}
+
+
+def _coco_records(image_id: int | str, boxes_xyxy: np.ndarray, conf: np.ndarray, cls: np.ndarray) -> list[dict]:
+    xywh = boxes_xyxy.astype(np.float64)
+    xywh[:, 2:] -= xywh[:, :2]  # top-left corner + size, original pixels
+    return [
+        {"image_id": image_id, "category_id": int(c), "bbox": [round(v, 3) for v in b], "score": round(s, 5)}
+        for b, s, c in zip(xywh.tolist(), conf.astype(np.float64).tolist(), cls.tolist(), strict=True)
+    ]
+
+
+def _images_per_class(labels: Sequence[np.ndarray], classes: np.ndarray, single_cls: bool) -> np.ndarray:
+    present = [np.unique(lb[:, 0] * (not single_cls)).astype(int) for lb in labels if len(lb)]
+    counts = np.bincount(np.concatenate(present), minlength=int(classes.max()) + 1) if present else np.zeros(1)
+    return counts[classes] if len(classes) else np.zeros(0, int)
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: torch.nn.Module,
+    index,
+    config: EvalConfig,
+    device: torch.device | str,
+    names: Sequence[str],
+    out_dir: str | os.PathLike | None = None,
+    plots: bool = False,
+) -> EvalResult:
+    """Evaluate `model` (already on `device`, fp16 on CUDA if wanted) on a SplitIndex; writes nothing unless
+    out_dir is given (then plots when plots=True). The model's train/eval mode is restored afterwards."""
+    device = torch.device(device)
+    if len(index) == 0:
+        raise UserError(f"split {getattr(index, 'split', '') or '?'} has no usable images to evaluate")
+    names = list(names)
+    nc = 1 if config.single_cls else len(names)
+    param = next(model.parameters())
+    dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    stride = max(int(model.stride.max()), 32)
+    imgsz = math.ceil(config.imgsz / stride) * stride
+    if imgsz != config.imgsz:
+        LOG.warning(f"--imgsz {config.imgsz} is not a multiple of stride {stride}; using {imgsz}")
+        config = EvalConfig(**{**asdict(config), "imgsz": imgsz})
+    micro = config.micro_batch or (4 if device.type == "cpu" else config.batch_size)
+    memory_format = torch.channels_last if (config.channels_last and device.type == "cpu") else torch.contiguous_format
+    image_ids = _coco_image_ids(index.files) if config.collect_predictions else {}
+
+    was_training = model.training
+    model.eval()
+    confusion = ConfusionMatrix(nc=nc)
+    stats: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    predictions: list[dict] = []
+    seconds = np.zeros(3)  # preprocess, inference, nms
+    seen = 0
+    try:
+        for members, batch in _rect_batch_stream(index, config, stride):
+            t0 = time.perf_counter()
+            images = torch.from_numpy(np.stack([s.image for s in batch])).to(device, non_blocking=True)
+            images = images.to(dtype).div_(255).contiguous(memory_format=memory_format)
+            _sync(device)
+            t1 = time.perf_counter()
+            outputs = [model(images[i:i + micro])[0] for i in range(0, len(images), micro)]
+            _sync(device)
+            t2 = time.perf_counter()
+            detections = [d for out in outputs for d in non_max_suppression(
+                out, config.conf_thres, config.iou_thres, multi_label=True, agnostic=config.single_cls,
+                max_det=config.max_det)]
+            _sync(device)
+            t3 = time.perf_counter()
+            seconds += (t1 - t0, t2 - t1, t3 - t2)
+            height, width = images.shape[2:]
+            for dataset_i, sample, det in zip(members, batch, detections, strict=True):
+                seen += 1
+                labels = sample.labels
+                label_cls = labels[:, 0]
+                det = det.float().cpu().numpy()
+                if not len(det):
+                    if len(labels):
+                        stats.append((np.zeros((0, len(IOU_THRESHOLDS)), bool), np.zeros(0, np.float32),
+                                      np.zeros(0, np.float32), label_cls))
+                        confusion.update_missed(label_cls)
+                    continue
+                if config.single_cls:
+                    det[:, 5] = 0
+                boxes = scale_boxes((height, width), det[:, :4].copy(), sample.shape0, sample.ratio_pad)
+                if len(labels):
+                    label_boxes = xywh2xyxy(labels[:, 1:] * np.array([width, height, width, height], np.float32))
+                    scale_boxes((height, width), label_boxes, sample.shape0, sample.ratio_pad)
+                    iou = box_iou(label_boxes, boxes)
+                    correct = match_predictions(iou, label_cls, det[:, 5])
+                    confusion.update(iou, label_cls, det[:, 5], det[:, 4])
+                else:
+                    correct = np.zeros((len(det), len(IOU_THRESHOLDS)), bool)
+                stats.append((correct, det[:, 4], det[:, 5], label_cls))
+                if config.collect_predictions:
+                    image_id = image_ids[index.files[int(dataset_i)]]
+                    predictions += _coco_records(image_id, boxes, det[:, 4], det[:, 5].astype(int))
+    finally:
+        model.train(was_training)
+
+    return _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots)
+
+
+def _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots) -> EvalResult:
+    if stats:
+        tp, conf, pred_cls, target_cls = (np.concatenate(x, 0) for x in zip(*stats, strict=True))
+    else:
+        tp, conf, pred_cls, target_cls = np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.zeros(0)
+    names = ["item"] if nc == 1 and len(names) != 1 else names
+    class_ap = ap_per_class(tp, conf, pred_cls, target_cls) if len(target_cls) else None
+    per_class: list[ClassResult] = []
+    mp = mr = map50 = map50_95 = 0.0
+    maps = np.zeros(nc)
+    if class_ap is not None:
+        if not tp.any():  # upstream reports zeros when nothing was found at all (P/R curves are degenerate)
+            class_ap.precision[:] = class_ap.recall[:] = class_ap.f1[:] = 0.0
+        mp, mr = float(class_ap.precision.mean()), float(class_ap.recall.mean())
+        map50, map50_95 = float(class_ap.ap50.mean()), float(class_ap.ap50_95.mean())
+        maps += map50_95
+        maps[class_ap.classes] = class_ap.ap50_95
+        images_per_class = _images_per_class(index.labels, class_ap.classes, single_cls=nc == 1)
+        for k, c in enumerate(class_ap.classes):
+            per_class.append(ClassResult(
+                int(c), names[c] if c < len(names) else str(c), int(images_per_class[k]),
+                int(class_ap.instances[k]), float(class_ap.precision[k]), float(class_ap.recall[k]),
+                float(class_ap.ap50[k]), float(class_ap.ap50_95[k])))
+    seen = max(seen, 1)
+    result = EvalResult(
+        precision=mp, recall=mr, map50=map50, map50_95=map50_95, fitness=fitness(map50, map50_95),
+        images=len(index), instances=int(len(target_cls)),
+        speed_ms={k: float(v) * 1e3 / seen for k, v in zip(("preprocess", "inference", "nms"), seconds, strict=True)},
+        per_class=per_class, maps=maps, class_ap=class_ap, confusion=confusion, names=list(names),
+        predictions=predictions, image_ids=image_ids,
+    )
+    if out_dir is not None and plots:
+        from yolo.plots.evaluation import save_evaluation_plots  # matplotlib only when drawing
+
+        save_evaluation_plots(class_ap, confusion.normalized(), result.names, Path(out_dir))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ reports
+def format_table(result: EvalResult, include_classes: bool = True) -> str:
+    """The per-class table upstream val.py prints (Class, Images, Instances, P, R, mAP50, mAP50-95)."""
+    head = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
+    row = "%22s" + "%11i" * 2 + "%11.3g" * 4
+    lines = [head, row % ("all", result.images, result.instances, result.precision, result.recall,
+                          result.map50, result.map50_95)]
+    if include_classes and len(result.names) > 1:
+        lines += [row % (c.name[:22], c.images, c.instances, c.precision, c.recall, c.map50, c.map50_95)
+                  for c in result.per_class]
+    return "\n".join(lines)
+
+
+def metrics_document(result: EvalResult, dataset_fingerprint: str, data_version: str | None, weights: str,
+                     skipped: Sequence[str] = ()) -> dict[str, Any]:
+    """metrics.json (contract in design.md), plus the images the index skipped."""
+    return {
+        **result.totals(),
+        "speed_ms": result.speed_ms,
+        "per_class": [c.to_json() for c in result.per_class],
+        "dataset_fingerprint": dataset_fingerprint,
+        "data_version": data_version,
+        "weights": weights,
+        "skipped_images": list(skipped),
+    }
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def per_class_csv(result: EvalResult) -> str:
+    header = ["class", "name", "images", "instances", "precision", "recall", "map50", "map50_95"]
+    return _csv([header] + [[c.class_id, c.name, c.images, c.instances, f"{c.precision:.6f}", f"{c.recall:.6f}",
+                             f"{c.map50:.6f}", f"{c.map50_95:.6f}"] for c in result.per_class])
+
+
+def pr_curve_csv(result: EvalResult) -> str:
+    """recall, all (mean), one column per class: the precision envelope at IoU 0.5 on the 101-point grid."""
+    recall = np.linspace(0, 1, PR_CSV_POINTS)
+    header = ["recall", "all"]
+    columns = [recall]
+    if result.class_ap is not None and len(result.class_ap.classes):
+        grid = result.class_ap.conf_grid
+        curves = np.stack([np.interp(recall, grid, y) for y in result.class_ap.pr_curve])
+        columns += [curves.mean(0), *curves]
+        header += [c.name for c in result.per_class]
+    else:
+        columns.append(np.zeros_like(recall))
+    return _csv([header] + [[f"{v:.6f}" for v in r] for r in np.stack(columns, 1)])
+
+
+def confusion_document(result: EvalResult) -> dict[str, Any]:
+    """Labels and counts with rows = true class, columns = predicted (KFP/sklearn orientation)."""
+    labels = [*result.names, "background"] if len(result.names) == result.confusion.nc else \
+        [*map(str, range(result.confusion.nc)), "background"]
+    return {"labels": labels, "rows": "true", "columns": "predicted",
+            "matrix": result.confusion.matrix.T.astype(int).tolist(),
+            "conf_thres": result.confusion.conf, "iou_thres": result.confusion.iou_thres}
+
+
+# --------------------------------------------------------------------------------------------- gate
+def promotion_gate(metrics: dict, baseline: dict | None = None, baseline_path: str | None = None,
+                   min_map50: float | None = None, max_class_drop: float = 0.05,
+                   tolerance: float = 1e-6) -> dict[str, Any]:
+    """gate.json: promote when mAP50 >= min_map50 (if set) and, against a baseline metrics.json, fitness does
+    not fall and no class's mAP50-95 falls by more than max_class_drop. `tolerance` absorbs float noise."""
+    reasons: list[str] = []
+    promote = True
+    if min_map50 is not None:
+        ok = metrics["map50"] >= min_map50
+        promote &= ok
+        reasons.append(f"mAP50 {metrics['map50']:.4f} {'>=' if ok else '<'} --min-map50 {min_map50:g}")
+    delta: dict[str, float | None] = {"map50": None, "map50_95": None, "fitness": None}
+    regressed: list[dict] = []
+    if baseline is not None:
+        delta = {k: float(metrics[k]) - float(baseline[k]) for k in delta}
+        ok = delta["fitness"] >= -tolerance
+        promote &= ok
+        reasons.append(f"fitness {metrics['fitness']:.4f} {'>=' if ok else '<'} baseline {baseline['fitness']:.4f}")
+        before = {int(c["class"]): c for c in baseline.get("per_class", [])}
+        for c in metrics.get("per_class", []):
+            old = before.get(int(c["class"]))
+            if old is not None and old["map50_95"] - c["map50_95"] > max_class_drop + tolerance:
+                regressed.append({"class": int(c["class"]), "name": c["name"],
+                                  "before": float(old["map50_95"]), "after": float(c["map50_95"])})
+        if regressed:
+            promote = False
+            reasons.append(f"{len(regressed)} class(es) lost more than {max_class_drop:g} mAP50-95: "
+                           + ", ".join(r["name"] for r in regressed[:10]))
+        else:
+            reasons.append(f"no class lost more than {max_class_drop:g} mAP50-95")
+    if min_map50 is None and baseline is None:
+        reasons.append("no gate configured (--min-map50, --baseline): promoted by default")
+    return {"promote": bool(promote), "reasons": reasons, "min_map50": min_map50, "baseline": baseline_path,
+            "delta": delta, "regressed_classes": regressed}
+
+
+def read_baseline(path: str | os.PathLike) -> dict:
+    """A previous metrics.json; UserError with the file when it is missing or not one."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--baseline {p}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--baseline {p}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"--baseline {p}: not JSON (line {e.lineno}): {e.msg}") from None
+    missing = [k for k in ("map50", "map50_95", "fitness") if not isinstance(doc, dict) or k not in doc]
+    if missing:
+        raise UserError(f"--baseline {p}: not a metrics.json (missing {', '.join(missing)})")
+    return doc
+
+
+# ---------------------------------------------------------------------------------------- the step
+@dataclass
+class EvaluateStepConfig:
+    data: Path
+    weights: str
+    out: Path
+    split: str = "val"
+    device: str = ""
+    index: Path | None = None
+    data_version: str | None = None
+    min_map50: float | None = None
+    baseline: Path | None = None
+    max_class_drop: float = 0.05
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = EvalConfig()
+    parser.add_argument("--data", required=True, help="data.yaml")
+    parser.add_argument("--weights", required=True, help="model .pt (ours or upstream YOLOv5)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--split", default="val", choices=SPLITS, help="split to evaluate")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=d.imgsz, help="inference size (pixels)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="rect batch grouping (decides the padded shapes, hence mAP), as upstream")
+    parser.add_argument("--conf-thres", type=float, default=d.conf_thres)
+    parser.add_argument("--iou-thres", type=float, default=d.iou_thres, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=int, default=d.max_det)
+    parser.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
+    parser.add_argument("--workers", type=int, default=d.workers, help="image decoding threads")
+    parser.add_argument("--micro-batch", type=int, default=d.micro_batch,
+                        help="images per forward pass inside a rect batch (speed only); 0 = auto")
+    parser.add_argument("--index", default=None, help="validate's DIR/index to reuse")
+    parser.add_argument("--data-version", default=None, help="opaque data version to record (DVC md5, git SHA)")
+    parser.add_argument("--min-map50", type=float, default=None, help="exit 2 (after writing outputs) below this")
+    parser.add_argument("--baseline", default=None, help="the current model's metrics.json for the gate")
+    parser.add_argument("--max-class-drop", type=float, default=0.05,
+                        help="largest per-class mAP50-95 drop vs --baseline that still promotes")
+
+
+def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
+    for flag, value, low in (("--imgsz", args.imgsz, 32), ("--batch-size", args.batch_size, 1),
+                             ("--max-det", args.max_det, 1), ("--workers", args.workers, 0),
+                             ("--micro-batch", args.micro_batch, 0)):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--conf-thres", args.conf_thres), ("--iou-thres", args.iou_thres),
+                        ("--max-class-drop", args.max_class_drop)):
+        if not 0 <= value <= 1:
+            raise UserError(f"{flag} must lie in [0, 1], got {value}")
+    return EvaluateStepConfig(
+        data=Path(args.data), weights=str(args.weights), out=Path(args.out), split=args.split,
+        device=args.device, index=Path(args.index) if args.index else None, data_version=args.data_version,
+        min_map50=args.min_map50, baseline=Path(args.baseline) if args.baseline else None,
+        max_class_drop=args.max_class_drop,
+        eval=EvalConfig(imgsz=args.imgsz, batch_size=args.batch_size, conf_thres=args.conf_thres,
+                        iou_thres=args.iou_thres, max_det=args.max_det, single_cls=args.single_cls,
+                        micro_batch=args.micro_batch, workers=args.workers, collect_predictions=True),
+    )
+
+
+def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
+    """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
+    from yolo.data.dataset import load_data_config, load_split
+    from yolo.device import select_device
+
+    baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work
+    out = prepare_out_dir(cfg.out)
+    device = select_device(cfg.device)
+    data = load_data_config(cfg.data)
+    if cfg.split not in data.splits:
+        raise UserError(f"{data.yaml_path}: no `{cfg.split}` split defined")
+    index = load_split(data, cfg.split, index_dir=cfg.index, single_cls=cfg.eval.single_cls)
+    if index.skipped:
+        LOG.warning(f"{cfg.split}: skipped {len(index.skipped)} unusable image(s), e.g. {index.skipped[0]}")
+    if len(index) == 0:
+        raise UserError(f"{data.yaml_path}: split `{cfg.split}` has no usable images")
+
+    from yolo.model.checkpoint import load_model  # torch-heavy, and only once the inputs look right
+
+    model, _ = load_model(cfg.weights, device, fuse=True)
+    model_nc = int(model.detect.nc) if hasattr(model, "detect") else int(model.model[-1].nc)
+    if not cfg.eval.single_cls and model_nc != data.nc:
+        raise UserError(f"--weights {cfg.weights} predicts {model_nc} classes but {data.yaml_path} has "
+                        f"{data.nc}; pass weights trained on this data (or --single-cls)")
+    if device.type == "cuda":
+        model.half()
+    elif cfg.eval.channels_last:
+        model.to(memory_format=torch.channels_last)
+    names = list(data.names)
+    LOG.info(f"evaluating {cfg.weights} on {len(index)} {cfg.split} images at {cfg.eval.imgsz} "
+             f"(batch {cfg.eval.batch_size}) on {device}")
+    t = time.perf_counter()
+    result = evaluate_model(model, index, cfg.eval, device, names, out_dir=out, plots=True)
+    LOG.info(f"evaluated in {time.perf_counter() - t:.1f}s")
+
+    metrics = metrics_document(result, index.fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
+    gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
+                          cfg.max_class_drop)
+    write_json(out / "metrics.json", metrics)
+    write_text(out / "per_class.csv", per_class_csv(result))
+    write_text(out / "pr_curve.csv", pr_curve_csv(result))
+    write_json(out / "confusion_matrix.json", confusion_document(result))
+    write_text(out / "predictions.json", json.dumps(result.predictions) + "\n")
+    write_json(out / "image_ids.json", result.image_ids)
+    write_json(out / "gate.json", gate)
+    return result, gate
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args)
+    result, gate = evaluate_step(cfg)
+    print(format_table(result))
+    s = result.speed_ms
+    print(f"Speed: {s['preprocess']:.1f}ms pre-process, {s['inference']:.1f}ms inference, {s['nms']:.1f}ms NMS "
+          f"per image at batch {cfg.eval.batch_size}, imgsz {cfg.eval.imgsz}")
+    print(f"Results saved to {cfg.out}; gate: {'promote' if gate['promote'] else 'do not promote'}")
+    if cfg.min_map50 is not None and result.map50 < cfg.min_map50:
+        raise UserError(f"mAP50 {result.map50:.4f} is below --min-map50 {cfg.min_map50:g} "
+                        f"(outputs written to {cfg.out})")
+    return 0

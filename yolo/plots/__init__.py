@@ -1,0 +1,1 @@
+"""Figures and images written by the steps (no fonts or files fetched at run time)."""

@@ -1,0 +1,123 @@
+"""Evaluation figures: PR, F1/P/R-vs-confidence curves and the normalised confusion matrix.
+
+Built on `matplotlib.figure.Figure` (the Agg canvas, no pyplot), so drawing from a worker thread or a
+headless container needs no backend set-up and leaves no global state behind. Files are written
+atomically. Layout follows upstream's figures so they read the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from yolo.files import atomic_path
+from yolo.metrics import ClassAP, ap_per_class, smooth
+
+LEGEND_MAX_CLASSES = 20  # a legend per class only while it stays readable (upstream: < 21)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=200)
+
+
+def _class_labels(class_ap: ClassAP, names: Sequence[str]) -> list[str]:
+    return [names[c] if c < len(names) else str(c) for c in class_ap.classes]
+
+
+def plot_pr_curve(class_ap: ClassAP, names: Sequence[str], path: Path) -> None:
+    """Precision vs recall at IoU 0.5 per class, with the mean curve and mAP50 in the legend."""
+    fig = Figure(figsize=(9, 6), tight_layout=True)
+    ax = fig.subplots()
+    recall, curves = class_ap.conf_grid, class_ap.pr_curve
+    labels = _class_labels(class_ap, names)
+    if 0 < len(labels) <= LEGEND_MAX_CLASSES:
+        for label, y, ap in zip(labels, curves, class_ap.ap50, strict=True):
+            ax.plot(recall, y, linewidth=1, label=f"{label} {ap:.3f}")
+    elif len(labels):
+        ax.plot(recall, curves.T, linewidth=1, color="grey")
+    if len(labels):
+        ax.plot(recall, curves.mean(0), linewidth=3, color="blue",
+                label=f"all classes {class_ap.ap50.mean():.3f} mAP@0.5")
+        ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
+    ax.set_xlabel("Recall")
+    ax.set_ylabel("Precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("Precision-Recall Curve")
+    _save(fig, path)
+
+
+def plot_confidence_curve(
+    class_ap: ClassAP, curves: np.ndarray, names: Sequence[str], path: Path, ylabel: str
+) -> None:
+    """A metric (F1, precision or recall) vs confidence per class, with the smoothed mean and its peak."""
+    fig = Figure(figsize=(9, 6), tight_layout=True)
+    ax = fig.subplots()
+    conf = class_ap.conf_grid
+    labels = _class_labels(class_ap, names)
+    if 0 < len(labels) <= LEGEND_MAX_CLASSES:
+        for label, y in zip(labels, curves, strict=True):
+            ax.plot(conf, y, linewidth=1, label=label)
+    elif len(labels):
+        ax.plot(conf, curves.T, linewidth=1, color="grey")
+    if len(labels):
+        mean = smooth(curves.mean(0), 0.05)
+        ax.plot(conf, mean, linewidth=3, color="blue",
+                label=f"all classes {mean.max():.2f} at {conf[mean.argmax()]:.3f}")
+        ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
+    ax.set_xlabel("Confidence")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{ylabel}-Confidence Curve")
+    _save(fig, path)
+
+
+def plot_confusion_matrix(normalized: np.ndarray, names: Sequence[str], path: Path) -> None:
+    """Column-normalised confusion matrix (rows predicted, columns true), background last."""
+    n = normalized.shape[0]
+    shown = np.where(normalized < 0.005, np.nan, normalized)  # blank instead of a wall of 0.00
+    fig = Figure(figsize=(12, 9), tight_layout=True)
+    ax = fig.subplots()
+    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ticks = [*names, "background"] if len(names) == n - 1 and n < 100 else None
+    if ticks is not None:
+        size = 8 if n < 30 else max(2, int(240 / n))
+        ax.set_xticks(range(n), ticks, rotation=90, fontsize=size)
+        ax.set_yticks(range(n), ticks, fontsize=size)
+    if n < 30:  # values fit in the cells only for small matrices
+        rows, cols = np.nonzero(~np.isnan(shown))
+        for r, c in zip(rows, cols, strict=True):
+            value = shown[r, c]
+            ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if value > 0.5 else "black")
+    ax.set_xlabel("True")
+    ax.set_ylabel("Predicted")
+    ax.set_title("Confusion Matrix")
+    _save(fig, path)
+
+
+def save_evaluation_plots(
+    class_ap: ClassAP | None, confusion_normalized: np.ndarray, names: Sequence[str], out_dir: Path
+) -> list[Path]:
+    """Write PR_curve, F1_curve, P_curve, R_curve and confusion_matrix PNGs into out_dir; returns paths."""
+    out_dir = Path(out_dir)
+    if class_ap is None:  # no labels: draw empty axes so the outputs always exist
+        class_ap = ap_per_class(np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.zeros(0))
+    written = [out_dir / "PR_curve.png"]
+    plot_pr_curve(class_ap, names, written[0])
+    for curves, name, ylabel in (
+        (class_ap.f1_curve, "F1_curve.png", "F1"),
+        (class_ap.p_curve, "P_curve.png", "Precision"),
+        (class_ap.r_curve, "R_curve.png", "Recall"),
+    ):
+        written.append(out_dir / name)
+        plot_confidence_curve(class_ap, curves, names, written[-1], ylabel)
+    written.append(out_dir / "confusion_matrix.png")
+    plot_confusion_matrix(confusion_normalized, names, written[-1])
+    return written
