@@ -1,0 +1,1 @@
+"""The Kubeflow training pipeline and `python -m pipelines` (compile, run-local)."""

@@ -1,0 +1,217 @@
+"""The training pipeline: resolve → import_data → validate → stats → train → evaluate → (if gate) promote.
+
+Two kinds of knobs. Cluster shape (GPUs per train pod, node selector, tolerations, secret, resources) is
+fixed when the pipeline is compiled — it is part of the pod spec the scheduler needs — and lives in
+`ClusterOptions`. Everything about the data and the training run is a pipeline parameter, chosen per run.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Artifact, Metrics, Model
+
+from components import pipeline_image
+from components.evaluate import evaluate
+from components.import_data import import_data, resolve_dataset_version
+from components.params import check_gpus
+from components.promote import promote
+from components.stats import stats
+from components.train import train
+from components.validate import validate
+
+PIPELINE_NAME = "yolo-training"
+AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+class PipelineOutputs(NamedTuple):
+    """What a run returns (kfp.local hands these back; on KFP they show as the run's outputs)."""
+
+    metrics: Metrics
+    model: Model
+    evaluation: Artifact
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str
+    operator: str = "Equal"  # or "Exists"
+    value: str | None = None
+    effect: str | None = None  # NoSchedule, PreferNoSchedule, NoExecute
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Compile-time settings: where and with what the steps' pods run."""
+
+    gpus: int = 1  # per train pod: 0 (CPU), 1, 2, 4 or 8 (torchrun, one process per GPU)
+    image: str = field(default_factory=pipeline_image)
+    s3_secret: str = (
+        "yolo-s3-credentials"  # a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; "" = none
+    )
+    s3_endpoint: str = ""  # AWS_ENDPOINT_URL for MinIO or another S3-compatible store; "" = AWS
+    train_cpu: str = "8"
+    train_memory: str = "32Gi"
+    shm_size: str = "16Gi"  # memory-backed /dev/shm for DataLoader workers (the 64 MiB default is too small)
+    step_cpu: str = "2"
+    step_memory: str = "8Gi"
+    train_retries: int = 3  # pod retries; each resumes from checkpoint_root/<run id>
+    node_selector: dict[str, str] = field(default_factory=dict)  # train pods only
+    tolerations: tuple[Toleration, ...] = ()  # train pods only
+
+    def __post_init__(self) -> None:
+        check_gpus(self.gpus)
+
+
+def _with_s3(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
+    """Give a task S3 access: credentials from the secret, the endpoint as env."""
+    if options.s3_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=options.s3_secret,
+            secret_key_to_env={k: k for k in AWS_SECRET_KEYS},
+            optional=True,
+        )
+    if options.s3_endpoint:
+        task.set_env_variable("AWS_ENDPOINT_URL", options.s3_endpoint)
+    return task
+
+
+def _step_resources(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
+    return task.set_cpu_request(options.step_cpu).set_memory_request(options.step_memory)
+
+
+def _configure_train(task: dsl.PipelineTask, options: ClusterOptions) -> None:
+    task.set_caching_options(False)
+    task.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
+    if options.gpus > 0:
+        task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(options.gpus)
+    kubernetes.empty_dir_mount(
+        task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=options.shm_size
+    )
+    for key, value in sorted(options.node_selector.items()):
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+    for t in options.tolerations:
+        kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+    # A preempted or failed pod is retried; the retry finds checkpoint_root/<run id>/last.pt and resumes.
+    task.set_retry(
+        num_retries=options.train_retries,
+        backoff_duration="60s",
+        backoff_factor=2.0,
+        backoff_max_duration="3600s",
+    )
+    _with_s3(task, options)
+
+
+def build_pipeline(options: ClusterOptions | None = None):
+    """The pipeline function for these cluster options (compile it, or call it under kfp.local)."""
+    options = options or ClusterOptions()
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME, description="YOLOv5 training: validate, stats, train, evaluate, promote"
+    )
+    def training(
+        dataset_source: str = "sample:",
+        dataset_rev: str = "",
+        cfg: str = "yolov5n.yaml",
+        weights: str = "",
+        epochs: int = 100,
+        imgsz: int = 640,
+        batch_size: int = 16,
+        workers: int = 8,
+        checkpoint_root: str = "",
+        registry_uri: str = "",
+        min_map50: float = 0.0,
+        max_bad_fraction: float = 0.05,
+        model_name: str = "yolov5",
+        train_extra_args: str = "",
+    ) -> PipelineOutputs:
+        run_key = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+
+        resolve = resolve_dataset_version(
+            source=dataset_source,
+            rev=dataset_rev,
+            imgsz=imgsz,
+            epochs=epochs,
+            batch_size=batch_size,
+            gpus=options.gpus,
+            min_map50=min_map50,
+            max_bad_fraction=max_bad_fraction,
+            model_name=model_name,
+            cfg=cfg,
+            weights=weights,
+            checkpoint_root=checkpoint_root,
+            registry_uri=registry_uri,
+        )
+        resolve.set_display_name("resolve dataset version").set_caching_options(False)
+        _with_s3(resolve, options)
+
+        # Keyed by the resolved version only (not the rev name): re-runs on unchanged data are cache hits.
+        data = import_data(source=dataset_source, version=resolve.output)
+        data.set_display_name("import data").set_caching_options(True)
+        _with_s3(_step_resources(data, options), options)
+
+        check = validate(dataset=data.outputs["dataset"], max_bad_fraction=max_bad_fraction, workers=0)
+        _step_resources(check.set_display_name("validate").set_caching_options(True), options)
+
+        label_stats = stats(
+            dataset=data.outputs["dataset"],
+            index=check.outputs["index"],
+            cfg=cfg,
+            weights=weights,
+            imgsz=imgsz,
+        )
+        _step_resources(label_stats.set_display_name("stats").set_caching_options(True), options)
+
+        fit = train(
+            dataset=data.outputs["dataset"],
+            index=check.outputs["index"],
+            label_stats=label_stats.outputs["label_stats"],
+            cfg=cfg,
+            weights=weights,
+            epochs=epochs,
+            imgsz=imgsz,
+            batch_size=batch_size,
+            gpus=options.gpus,
+            workers=workers,
+            checkpoint_root=checkpoint_root,
+            run_key=run_key,
+            extra_args=train_extra_args,
+        )
+        fit.set_display_name("train")
+        _configure_train(fit, options)
+
+        score = evaluate(
+            dataset=data.outputs["dataset"],
+            index=check.outputs["index"],
+            model=fit.outputs["model"],
+            imgsz=imgsz,
+            batch_size=batch_size,
+            min_map50=min_map50,
+            registry_uri=registry_uri,
+            model_name=model_name,
+        )
+        # Not cached: the baseline it compares against (current.json) changes between runs.
+        score.set_display_name("evaluate").set_caching_options(False)
+        _with_s3(_step_resources(score, options), options)
+        if options.gpus > 0:
+            score.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
+
+        with dsl.If(score.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 - a KFP condition
+            with dsl.If(registry_uri != "", name="registry-set"):
+                publish = promote(
+                    model=fit.outputs["model"],
+                    evaluation=score.outputs["evaluation"],
+                    registry_uri=registry_uri,
+                    model_name=model_name,
+                    image=options.image,
+                    run_key=run_key,
+                )
+                publish.set_display_name("promote").set_caching_options(False)
+                _with_s3(publish, options)
+
+        return PipelineOutputs(score.outputs["metrics"], fit.outputs["model"], score.outputs["evaluation"])
+
+    return training
