@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from yolo.errors import UserError
+from yolo.files import write_text
 
 EXIT_USER_ERROR = 2
 EXIT_PIPELINE_FAILED = 1
@@ -241,7 +242,9 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"{PROG} run-local: {reason[0]} (artifacts and logs under {root})", file=sys.stderr)
         return EXIT_PIPELINE_FAILED
     report = summarise(run.outputs, params)
-    print(json.dumps(report, indent=2, sort_keys=True))
+    text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+    write_text(root / "last-run.json", text)  # for scripts and tests: stdout also carries kfp.local logs
+    print(text, end="")
     return 0
 
 

@@ -462,3 +462,40 @@ def test_promote_versions_and_current_json(tmp_path):
     assert (card["image"], card["pipeline_run"], card["run_id"]) == ("img:2", "job-2", "run-a")
     assert runtime.current_model(str(registry), "det")["version"] == "v2"
     assert runtime.current_model(str(registry), "other") is None
+
+
+def test_dvc_source_imports_the_resolved_commit(tmp_path, monkeypatch):
+    """`dvc get` from a DVC repo (a local one, its cache standing in for a remote) at the resolved SHA."""
+    if not Path(sys.executable).with_name("dvc").exists():
+        pytest.skip("dvc is not installed in this environment")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def sh(*argv: str) -> str:
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    git = ("git", "-c", "user.email=t@t", "-c", "user.name=t")
+    sh(*git, "init", "-q", "-b", "main")
+    sh("dvc", "init", "-q")
+    _tiny_dataset(repo / "data" / "tiny")
+    sh("dvc", "add", "-q", "data/tiny")
+    sh(*git, "add", "-A")
+    sh(*git, "commit", "-qm", "v1 of the data")
+    first = sh("git", "rev-parse", "HEAD")
+    (repo / "data" / "tiny" / "labels" / "val" / "a.txt").write_text("0 0.4 0.4 0.1 0.1\n")
+    sh("dvc", "add", "-q", "data/tiny")
+    sh(*git, "commit", "-qam", "v2 of the data")
+
+    source = f"dvc://{repo}#data/tiny"
+    assert runtime.resolve_version(source, "main") != first
+    assert runtime.resolve_version(source, first) == first  # a full SHA is used as given
+    artifact = FakeArtifact(tmp_path / "dataset")
+    runtime.import_data(source, first, artifact)
+    assert artifact.metadata["commit"] == first and artifact.metadata["path"] == "data/tiny"
+    assert (Path(artifact.path) / "labels" / "val" / "a.txt").read_text() == "0 0.5 0.5 0.2 0.2\n"  # v1 bytes
+    with pytest.raises(UserError, match="not a commit SHA"):
+        runtime.import_data(source, "main", FakeArtifact(tmp_path / "other"))
