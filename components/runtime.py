@@ -187,7 +187,7 @@ def resolve_version(source: str, rev: str = "") -> str:
             raise UserError(f"dataset source {parsed.location}: no objects under this prefix")
         return "s3-" + storage.fingerprint()[:16]
     root, yaml_path = _local_root(parsed.location)
-    digest = hashlib.sha256(f"{_tree_fingerprint(root)}|{_tree_fingerprint(yaml_path.parent)}".encode())
+    digest = hashlib.sha256(_tree_fingerprint(root).encode() + b"|" + yaml_path.read_bytes())
     return "local-" + digest.hexdigest()[:16]
 
 

@@ -130,6 +130,13 @@ def build_parser() -> OneLineParser:
         help="where artifacts, the workspace, checkpoints and the registry go",
     )
     _add_cluster_arguments(r, default_gpus=0)
+    r.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every step (default: kfp.local's cache, under PIPELINE_ROOT/cache, with the same "
+        "per-step caching as on KFP: unchanged data → import, validate, stats are cache hits)",
+    )
+    r.add_argument("--train-retries", type=int, default=0, help="retries of a failed train step (KFP: 3)")
     _add_run_arguments(r)
     return parser
 
@@ -216,9 +223,8 @@ def run_parameters(args: argparse.Namespace, root: Path) -> dict:
 def run_local(args: argparse.Namespace) -> int:
     root = args.pipeline_root.resolve()
     params = run_parameters(args, root)  # before anything runs
-    from components.params import check_gpus
-
-    check_gpus(args.gpus)
+    if args.train_retries < 0:
+        raise UserError(f"--train-retries {args.train_retries}: must be >= 0")
     _set_image(args.image)
     import kfp.local
 
@@ -233,8 +239,10 @@ def run_local(args: argparse.Namespace) -> int:
         pipeline_root=str(root / "artifacts"),
         workspace_root=str(root / "workspace"),
         raise_on_error=True,
+        enable_caching=not args.no_cache,
+        cache_root=str(root / "cache"),
     )
-    pipeline = build_pipeline(ClusterOptions(gpus=args.gpus, s3_secret=""))
+    pipeline = build_pipeline(ClusterOptions(gpus=args.gpus, s3_secret="", train_retries=args.train_retries))
     try:
         run = pipeline(**params)
     except RuntimeError as e:

@@ -81,6 +81,13 @@ def test_run_local_promotes_then_compares_against_current(tmp_path):
     assert any((root / "checkpoints").rglob("last.pt"))
 
     second = _run_local(root)
+    # Same data version: import, validate and stats are cache hits (they did not run again); resolve,
+    # train and evaluate are never cached.
+    runs = sorted((root / "artifacts").glob("yolo-training-*"))
+    assert len(runs) == 2
+    ran_again = {p.parent.name for p in runs[1].glob("*/executor_output.json")}
+    assert {"resolve-dataset-version", "train", "evaluate"} <= ran_again
+    assert not ran_again & {"import-data", "validate", "stats"}
     assert second["baseline"] is not None  # compared against v1's metrics via current.json
     assert any("baseline" in reason for reason in second["gate_reasons"])
     assert second["current_version"] == ("v2" if second["promote"] else "v1")
