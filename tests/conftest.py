@@ -47,3 +47,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished 1-epoch CPU training run (imgsz 64) on tiny sample data, shared by the whole session.
+
+    Returns the run folder (weights/best.pt, weights/last.pt, results.csv, train.json, ...); its data.yaml
+    is at `tiny_run.parent / "data" / "data.yaml"` (16 train + 8 val images, 64 px).
+    """
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "data"
+    made = run_cli("sample-data", "--out", data, "--train", 16, "--val", 8, "--imgsz", 64)
+    assert made.returncode == 0, made.stderr
+    run = root / "run"
+    # one intra-op thread: on a shared 2-core machine two threads stall each other at every barrier
+    trained = run_cli("train", "--data", data / "data.yaml", "--out", run, "--imgsz", 64, "--epochs", 1,
+                      "--batch-size", 8, "--workers", 0, "--device", "cpu", "--deterministic",
+                      env={"OMP_NUM_THREADS": "1"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return run

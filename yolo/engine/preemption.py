@@ -40,6 +40,10 @@ class StopRequested:
     def exit_code(self) -> int:
         return _EXIT_CODES.get(self.signal, 1) if self.signal is not None else 0
 
+    def poll(self, epoch: int, iteration: int) -> bool:
+        """Asked by the loop at each step boundary (`iteration` batches of `epoch` done); True: stop now."""
+        return self.requested
+
     def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask the loop to stop as if `signum` had arrived (also how tests and other ranks trigger it)."""
         if self.signal is None:
