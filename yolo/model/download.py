@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import re
@@ -87,11 +88,11 @@ def download(url: str) -> Path:
                     digest.update(chunk)
                     size += len(chunk)
             if expected_size is not None and size != int(expected_size):
-                raise UserError(f"download of {clean_url} is incomplete: {size} of {expected_size} bytes")
+                raise UserError(f"cannot download {clean_url}: incomplete, {size} of {expected_size} bytes")
             if size == 0:
-                raise UserError(f"download of {clean_url} is empty")
+                raise UserError(f"cannot download {clean_url}: the server sent 0 bytes")
             if expected_sha and digest.hexdigest() != expected_sha:
-                raise UserError(f"download of {clean_url} has sha256 {digest.hexdigest()}, expected {expected_sha}")
+                raise UserError(f"cannot download {clean_url}: it has sha256 {digest.hexdigest()}, expected {expected_sha}")
     except UserError:
         raise
     except urllib.error.HTTPError as e:
@@ -101,7 +102,7 @@ def download(url: str) -> Path:
                         f"or set {BASE_URL_ENV} to a mirror)") from None
     except TimeoutError as e:
         raise UserError(f"cannot download {clean_url}: timed out after {timeout:g} s ({e})") from None
-    except (OSError, ValueError) as e:  # connection reset mid-body, IncompleteRead, bad URL
+    except (OSError, ValueError, http.client.HTTPException) as e:  # reset mid-body, IncompleteRead, bad URL
         raise UserError(f"cannot download {clean_url}: {_reason(e)}") from None
     return target
 

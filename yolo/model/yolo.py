@@ -55,11 +55,16 @@ class Detect(nn.Module):
 
     def _decode(self, i: int, x: torch.Tensor) -> torch.Tensor:
         # Upstream: xy = (2*sig - 0.5 + cell) * stride, wh = (2*sig)^2 * anchor_px. Strides are powers of
-        # two, so folding them into the cached grid and anchor tensors gives bit-identical results.
-        grid_px, anchor4_px = self._grid(i, x.shape[2], x.shape[3], x.dtype, x.device)
+        # two, so folding them into the grid and anchor tensors gives bit-identical results.
+        tracing = _is_tracing()
+        ny, nx = x.shape[2], x.shape[3]
+        if tracing:  # exporters must record the grid ops, not a cached constant of one input size
+            grid_px, anchor4_px = self._make_grid(i, ny, nx, x.dtype, x.device)
+        else:
+            grid_px, anchor4_px = self._grid(i, ny, nx, x.dtype, x.device)
         y = x.sigmoid()
         stride2 = self._stride_floats[i] * 2.0
-        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if tracing or torch.is_grad_enabled():
             xy = y[..., :2] * stride2 + grid_px
             wh = y[..., 2:4].square() * anchor4_px
             return torch.cat((xy, wh, y[..., 4:]), -1)
@@ -68,21 +73,24 @@ class Detect(nn.Module):
         return y
 
     def _grid(self, i: int, ny: int, nx: int, dtype: torch.dtype, device: torch.device):
-        """(cell - 0.5) * stride of shape (1, 1, ny, nx, 2) and 4 * anchor px (1, na, 1, 1, 2), cached."""
-        # the anchors' version counter changes on any in-place edit (load_state_dict, autoanchor)
-        key = (i, ny, nx, dtype, device, self.anchors.data_ptr(), self.anchors._version)
+        """Cached _make_grid; the anchors' version counter changes on any in-place edit (load, autoanchor)."""
+        key = (i, ny, nx, dtype, device, self.anchors.data_ptr(), _version(self.anchors))
         cached = self._grids.get(key)
         if cached is None:
-            stride = self._stride_floats[i]
-            ys = torch.arange(ny, device=device, dtype=torch.float32)
-            xs = torch.arange(nx, device=device, dtype=torch.float32)
-            yv, xv = torch.meshgrid(ys, xs, indexing="ij")
-            grid_px = ((torch.stack((xv, yv), 2) - 0.5) * stride).view(1, 1, ny, nx, 2).to(dtype)
-            anchor4_px = (self.anchors[i].float() * stride * 4.0).view(1, self.na, 1, 1, 2).to(device, dtype)
             if len(self._grids) > 64:  # many image shapes (rect batches): keep the cache bounded
                 self._grids.clear()
-            cached = self._grids[key] = (grid_px, anchor4_px)
+            cached = self._grids[key] = self._make_grid(i, ny, nx, dtype, device)
         return cached
+
+    def _make_grid(self, i: int, ny: int, nx: int, dtype: torch.dtype, device: torch.device):
+        """(cell - 0.5) * stride as (1, 1, ny, nx, 2) and 4 * anchor px as (1, na, 1, 1, 2)."""
+        stride = self._stride_floats[i]
+        ys = torch.arange(ny, device=device, dtype=torch.float32)
+        xs = torch.arange(nx, device=device, dtype=torch.float32)
+        yv, xv = torch.meshgrid(ys, xs, indexing="ij")
+        grid_px = ((torch.stack((xv, yv), 2) - 0.5) * stride).view(1, 1, ny, nx, 2).to(dtype)
+        anchor4_px = (self.anchors[i].float() * (stride * 4.0)).view(1, self.na, 1, 1, 2).to(device, dtype)
+        return grid_px, anchor4_px
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.half()/.cuda() must move `stride` (a plain attribute, as upstream) and drop stale grids
@@ -105,6 +113,17 @@ class Detect(nn.Module):
         self.anchors.copy_(new.to(self.anchors) / self.stride.to(self.anchors).view(-1, 1, 1))
         check_anchor_order(self)
         self._grids = {}
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return -1
 
 
 def check_anchor_order(detect: Detect) -> None:
