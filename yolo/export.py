@@ -176,7 +176,7 @@ def _export_torchscript(wrapper, im, path: Path, cfg: ExportConfig, meta: dict, 
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        traced = torch.jit.trace(wrapper, im, strict=False)
+        traced = torch.jit.trace(wrapper, im, strict=False, check_trace=False)  # checked below, once
         traced.save(str(path), _extra_files={"config.txt": json.dumps(meta)})
         loaded = torch.jit.load(str(path), map_location=im.device)
     with torch.inference_mode():
