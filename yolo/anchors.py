@@ -123,8 +123,9 @@ def ratio_metric(wh: np.ndarray, anchors: np.ndarray) -> np.ndarray:
     """(N, k) float32 fit of every label to every anchor: min over w, h of min(r, 1/r), r = wh / anchor."""
     wh = np.asarray(wh, dtype=np.float32).reshape(-1, 2)
     k = np.asarray(anchors, dtype=np.float32).reshape(-1, 2)
-    r = wh[:, None] / k[None]
-    return np.minimum(r, np.float32(1.0) / r).min(2)
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero (placeholder) anchors fit nothing
+        r = wh[:, None] / k[None]
+        return np.nan_to_num(np.minimum(r, np.float32(1.0) / r).min(2), nan=0.0)
 
 
 def _chunks(n: int, k: int) -> range:
