@@ -49,7 +49,7 @@ class TrainConfig:
     """Every option of the train step (upstream train.py spelling and defaults)."""
 
     data: Path | None = None
-    out: Path = Path("runs/train")
+    out: Path | None = Path("runs/train")
     cfg: str | None = None
     weights: str | None = None
     anchors: Path | None = None
@@ -58,8 +58,8 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 16
     imgsz: int = 640
-    device: str = ""
-    workers: int = 8
+    device: str | None = ""
+    workers: int | None = 8
     optimizer: str = "SGD"
     cos_lr: bool = False
     label_smoothing: float = 0.0
@@ -141,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = parser.add_argument
     a("--data", type=Path, help="data.yaml (upstream format); optional with --resume")
-    a("--out", type=Path, default=d.out, help="run folder: weights/, results.csv, train.json (default %(default)s)")
+    a("--out", type=Path, help=f"run folder: weights/, results.csv, train.json (default {d.out})")
     a("--cfg", help="model cfg (yolov5n.yaml ... or a path); default: the --weights' cfg, else yolov5n.yaml")
     a("--weights", help="initial weights: our .pt, an upstream YOLOv5 .pt, or a known name")
     a("--anchors", type=Path, help="anchors.json from the stats step (beats --cfg's and the checkpoint's)")
@@ -150,8 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--epochs", type=_positive_int, default=None, help=f"total epochs (default {d.epochs})")
     a("--batch-size", type=_positive_int, default=d.batch_size, help="total batch size for all processes")
     a("--imgsz", "--img", "--img-size", type=_positive_int, default=d.imgsz, help="train/val image size (px)")
-    a("--device", default=d.device, help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
-    a("--workers", type=_non_negative_int, default=d.workers, help="loader workers per process (max)")
+    a("--device", help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
+    a("--workers", type=_non_negative_int, help=f"loader workers per process, at most (default {d.workers})")
     a("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     a("--cos-lr", action="store_true", help="cosine one-cycle lr schedule (default linear)")
     a("--label-smoothing", type=_unit_float, default=d.label_smoothing)
@@ -176,10 +176,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed flags. Options --resume may change are None when not given, so a resumed
+    run keeps its own values; `out` stays None here and is settled by the resume logic."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["epochs_given"] = args.epochs is not None
-    if args.epochs is None:
-        values["epochs"] = TrainConfig.epochs
+    defaults = TrainConfig()
+    for name in ("epochs", "device", "workers"):
+        if values.get(name) is None and args.resume is None:
+            values[name] = getattr(defaults, name)
     return TrainConfig(**values)
 
 
@@ -404,7 +408,7 @@ class Trainer:
                 self.mloss.mul_(i).add_(items.float()).div_(i + 1)  # running mean, stays on the device
 
             self.iteration = i + 1
-            log.images += imgs.shape[0]
+            log.images += imgs.shape[0] * ctx.world_size  # all ranks together
             if bar is not None and (now - last_refresh > PROGRESS_REFRESH_S or i + 1 == self.nb):
                 last_refresh = now
                 losses = self._refresh_bar(bar, epoch, targets.shape[0], imgs.shape[-1])

@@ -134,7 +134,7 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     explicit = None
     if cfg.resume is not None:
         explicit = _load_explicit_resume(cfg)
-        cfg = _merge_resume_args(cfg, explicit[0])
+        cfg = _merge_resume_args(cfg, *explicit)
     if cfg.data is None:
         raise UserError("--data is required (unless --resume names a run to continue)")
     if cfg.out is None:
@@ -164,7 +164,7 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     from yolo.hyp import load_hyp
 
     hyp = load_hyp(cfg.hyp)
-    model, identity_inputs = _build_model(cfg, nc, hyp, train_index)
+    model, identity_inputs = _build_model(cfg, nc, hyp, train_index, quiet=explicit is not None)
     model.names = names
     run_id = run_identity(fingerprint, identity_inputs["cfg"], hyp.to_dict(), {
         **{k: getattr(cfg, k) for k in cfg.RESULT_ARGS},
@@ -249,7 +249,7 @@ def _load_data(cfg):
 
 
 # ---------------------------------------------------------------------------------------- model
-def _build_model(cfg, nc: int, hyp, train_index) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _build_model(cfg, nc: int, hyp, train_index, quiet: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model with nc from the data, weights transferred and anchors by priority:
     --anchors anchors.json > the --cfg's anchors (when --cfg is given) > the checkpoint's."""
     from yolo.model.cfg import load_cfg
@@ -284,7 +284,7 @@ def _build_model(cfg, nc: int, hyp, train_index) -> tuple[torch.nn.Module, dict[
             model = model_from_checkpoint(ckpt, nc=nc, anchors=anchors_rows)
     else:
         model = DetectionModel(load_cfg(cfg.cfg or DEFAULT_CFG), nc=nc, anchors=anchors_rows)
-        if not cfg.cfg:
+        if not cfg.cfg and not quiet:
             LOG.info(f"no --weights or --cfg: training {DEFAULT_CFG} from scratch")
     identity_cfg = dict(model.yaml)
 
@@ -353,9 +353,13 @@ def _load_explicit_resume(cfg) -> tuple[dict[str, Any], str]:
     raise UserError(f"--resume {source}: no last.pt found (looked for {', '.join(map(str, candidates))})")
 
 
-def _merge_resume_args(cfg, ckpt: dict[str, Any]):
-    """The checkpoint's own arguments, with the few options a resume may change."""
+def _merge_resume_args(cfg, ckpt: dict[str, Any], source: str):
+    """The checkpoint's own arguments, with the few options a resume may change. Without --out, a local
+    last.pt continues in its own run folder; a remote one in the folder its run was started with."""
     saved = dict(ckpt.get("args") or {})
+    if cfg.out is None and "://" not in source:
+        last = Path(source)
+        saved["out"] = str(last.parent.parent if last.parent.name == "weights" else last.parent)
     known = {f.name for f in fields(cfg)}
     values = {k: v for k, v in saved.items() if k in known}
     for key in ("data", "hyp", "anchors", "index"):
@@ -363,12 +367,16 @@ def _merge_resume_args(cfg, ckpt: dict[str, Any]):
             values[key] = Path(values[key])
     for key in RESUME_OVERRIDES:
         given = getattr(cfg, key)
-        if given not in (None, "", False) or key not in values:
+        if given is not None and given is not False:
             values[key] = given
+        elif key not in values:
+            values[key] = getattr(type(cfg)(), key)
     if cfg.data is not None:
         values["data"] = cfg.data  # moved dataset: allowed when its fingerprint is the same (checked later)
     if cfg.epochs_given:
         values["epochs"] = cfg.epochs
+    elif values.get("epochs") is None:
+        values["epochs"] = type(cfg)().epochs
     values["resume"] = None
     values["epochs_given"] = True
     merged = type(cfg)(**values)
