@@ -55,6 +55,7 @@ def test_half_checkpoint_loads_as_fp32(tmp_path, model):
     ckpt = load_checkpoint(str(path))
     assert ckpt["model"]["model.0.conv.weight"].dtype == torch.float16
     assert ckpt["model"]["model.0.bn.num_batches_tracked"].dtype == torch.int64
+    assert ckpt["model"]["model.24.anchors"].dtype == torch.float32
     loaded, _ = load_model(path, "cpu")
     assert not loaded.training and all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.rand(1, 3, 64, 64)

@@ -212,3 +212,14 @@ def test_bad_cfg_is_a_user_error(edit, message):
     edit(cfg)
     with pytest.raises(UserError, match=message):
         DetectionModel(cfg)
+
+
+def test_set_anchors_px_checks_order_in_pixels(v5n):
+    detect = copy.deepcopy(v5n.model[-1])
+    rows = [[20, 20] * 3, [30, 30] * 3, [40, 40] * 3]  # increasing in pixels, decreasing in stride units
+    detect.set_anchors_px(rows)
+    assert detect.anchors_px() == rows
+    detect.set_anchors_px(rows[::-1])  # reversed levels are put back in order, as upstream
+    assert detect.anchors_px() == rows
+    with pytest.raises(UserError, match="do not fit"):
+        detect.set_anchors_px([[1, 2, 3, 4]])

@@ -22,7 +22,9 @@ PLAIN_SCALARS = (str, int, float, bool, type(None))
 
 def checkpoint_dict(model, half: bool = True, **extra: Any) -> dict:
     """Our checkpoint dict for a DetectionModel: cfg, names, state_dict (fp16 when half), pixel anchors."""
-    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).cpu().clone()
+    # anchors stay fp32 even in half checkpoints: evolved anchors would lose digits in fp16
+    state = {k: (v.detach().half() if half and v.is_floating_point() and not k.endswith("anchors")
+                 else v.detach()).cpu().clone()
              for k, v in model.state_dict().items()}
     model_cfg = getattr(model, "yaml", None)
     ckpt = {"format": FORMAT, "cfg": model_cfg, "names": list(model.names), "model": state,

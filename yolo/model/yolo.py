@@ -106,12 +106,14 @@ class Detect(nn.Module):
     @torch.no_grad()
     def set_anchors_px(self, anchors: Sequence[Sequence[float]]) -> None:
         """Replace the anchors by pixel anchors (one row per level), in stride units, order-checked."""
-        new = torch.tensor(anchors, dtype=torch.float32).view(self.nl, -1, 2)
-        if new.shape != self.anchors.shape:
+        new = torch.tensor(anchors, dtype=torch.float32)
+        if new.numel() != self.anchors.numel():
             raise UserError(f"anchors of shape {tuple(new.shape)} do not fit a Detect head of "
                             f"{self.nl} levels x {self.na} anchors")
-        self.anchors.copy_(new.to(self.anchors) / self.stride.to(self.anchors).view(-1, 1, 1))
-        check_anchor_order(self)
+        new = new.view(self.anchors.shape)
+        self.anchors.copy_(new.to(self.anchors))
+        check_anchor_order(self)  # in pixels, as upstream: in stride units the level order can look reversed
+        self.anchors /= self.stride.to(self.anchors).view(-1, 1, 1)
         self._grids = {}
 
 
