@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing.pool import Pool, ThreadPool
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
 import numpy as np
@@ -148,8 +149,10 @@ def parallel_map(fn: Callable, tasks: list, workers: int = 0, executor: str = "t
             results: Iterable = map(fn, tasks)
             pool = None
         else:
-            pool_cls = Pool if executor == "process" else ThreadPool
-            pool = pool_cls(workers, initializer=_init_worker if executor == "process" else None)
+            if executor == "process":  # forkserver: forking a process whose OpenCV/torch threads run can hang
+                pool = multiprocessing.get_context("forkserver").Pool(workers, initializer=_init_worker)
+            else:
+                pool = ThreadPool(workers)
             results = pool.imap(fn, tasks, chunksize=max(1, min(64, len(tasks) // (workers * 8))))
         for r in results:
             if bar is not None:
