@@ -220,7 +220,11 @@ def label_path_for(image: str | os.PathLike) -> Path:
 
 def relative_to_root(path: str | os.PathLike, root: Path) -> str:
     """Posix path relative to the dataset root ('..' segments when a listed file lies outside it)."""
-    return Path(os.path.relpath(path, root)).as_posix()
+    s, prefix = os.fspath(path), os.fspath(root).rstrip(os.sep) + os.sep
+    if s.startswith(prefix):  # the common case, without relpath's cost (paths here are normalised)
+        s = s[len(prefix):]
+        return s if os.sep == "/" else s.replace(os.sep, "/")
+    return Path(os.path.relpath(s, root)).as_posix()
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -322,14 +326,15 @@ def parse_label_bytes(data: bytes, nc: int) -> tuple[np.ndarray, list[tuple[str,
         problems.append((LABEL_ZERO_SIZE, _lines_message("box with zero width or height", lines[i].tolist(), []),
                          ROW_DROPPED))
         lb, lines = lb[~zero], lines[~zero]
-    if len(lb):
-        _, first = np.unique(lb, axis=0, return_index=True)
-        if len(first) < len(lb):
-            keep = np.sort(first)  # first occurrences, file order kept (upstream re-sorts the rows)
-            dup = np.setdiff1d(np.arange(len(lb)), keep)
-            problems.append((LABEL_DUPLICATE, _lines_message("duplicate of an earlier row", lines[dup].tolist(), []),
-                             ROW_DROPPED))
-            lb = lb[keep]
+    first: dict[tuple, int] = {}
+    for i, row in enumerate(map(tuple, lb.tolist())):  # exact float32 rows; a dict beats np.unique for few rows
+        first.setdefault(row, i)
+    if len(first) < len(lb):
+        keep = np.sort(np.fromiter(first.values(), int, len(first)))  # file order kept (upstream re-sorts)
+        dup = np.setdiff1d(np.arange(len(lb)), keep)
+        problems.append((LABEL_DUPLICATE, _lines_message("duplicate of an earlier row", lines[dup].tolist(), []),
+                         ROW_DROPPED))
+        lb = lb[keep]
     return np.ascontiguousarray(lb, np.float32).reshape(-1, 5), problems, True
 
 
