@@ -196,7 +196,7 @@ def kmeans(points: np.ndarray, n: int, rng: np.random.Generator, restarts: int =
     m, d = points.shape
     if n < 1 or m < n:
         return None
-    columns = [np.ascontiguousarray(points[:, j]) for j in range(d)]
+    columns = [np.ascontiguousarray(points[:, j], dtype=np.float32) for j in range(d)]
     best_code, best_dist = None, math.inf
     per_pass = max(1, KMEANS_CHUNK_ELEMENTS // max(1, m * n))
     for start in range(0, restarts, per_pass):
@@ -207,23 +207,21 @@ def kmeans(points: np.ndarray, n: int, rng: np.random.Generator, restarts: int =
         empty = np.zeros(runs, dtype=bool)
         active = np.arange(runs)  # restarts still moving
         for _ in range(max_iter):
-            c = code[active]
-            # (n, R, m) squared distances with the points contiguous; reducing over the leading axis is
-            # elementwise, unlike argmin over a short inner axis
-            sq = (np.ascontiguousarray(c[:, :, 0].T)[:, :, None] - columns[0]) ** 2
+            c = code[active].astype(np.float32)
+            # (n, R, m) squared distances in float32 (as upstream's float32 wh) with the points contiguous:
+            # reducing over the leading axis is elementwise, unlike argmin over a short inner axis
+            sq = np.square(np.ascontiguousarray(c[:, :, 0].T)[:, :, None] - columns[0])
             for j in range(1, d):
-                sq += (np.ascontiguousarray(c[:, :, j].T)[:, :, None] - columns[j]) ** 2
+                sq += np.square(np.ascontiguousarray(c[:, :, j].T)[:, :, None] - columns[j])
             min_sq = sq.min(0)
-            assign = np.zeros(min_sq.shape, dtype=np.int64)
-            for i in range(n - 1, -1, -1):  # the first nearest cluster wins ties, as argmin
-                np.copyto(assign, i, where=sq[i] == min_sq)
-            mean_dist = np.sqrt(min_sq).mean(1)
+            assign = (sq == min_sq).argmax(0)  # the first nearest cluster, as argmin
+            mean_dist = np.sqrt(min_sq).mean(1, dtype=np.float64)
             flat = (assign + (np.arange(len(active)) * n)[:, None]).ravel()
             counts = np.bincount(flat, minlength=len(active) * n).reshape(-1, n)
-            sums = np.stack([np.bincount(flat, weights=np.tile(col, len(active)), minlength=len(active) * n)
-                             for col in columns], 1).reshape(-1, n, d)
+            sums = np.stack([np.bincount(flat, weights=np.tile(points[:, j], len(active)), minlength=len(active) * n)
+                             for j in range(d)], 1).reshape(-1, n, d)
             has = counts > 0
-            code[active] = np.where(has[..., None], sums / np.maximum(counts, 1)[..., None], c)
+            code[active] = np.where(has[..., None], sums / np.maximum(counts, 1)[..., None], code[active])
             dist[active] = mean_dist
             empty[active] = ~has.all(1)
             moving = np.abs(prev[active] - mean_dist) > thresh
