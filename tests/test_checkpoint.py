@@ -199,3 +199,9 @@ def test_mismatched_state_is_a_user_error(model):
     del ckpt["model"]["model.2.cv1.conv.weight"]
     with pytest.raises(UserError, match=r"missing \['model.2.cv1.conv.weight'\]"):
         model_from_checkpoint(ckpt)
+
+
+def test_saved_file_is_readable_by_others(tmp_path, model):
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, checkpoint_dict(model))
+    assert path.stat().st_mode & 0o777 == 0o644

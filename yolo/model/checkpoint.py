@@ -18,6 +18,7 @@ from yolo.files import atomic_path
 LOG = logging.getLogger(__name__)
 FORMAT = "yolo-pipeline/1"
 PLAIN_SCALARS = (str, int, float, bool, type(None))
+FILE_MODE = 0o644
 
 
 def checkpoint_dict(model, half: bool = True, **extra: Any) -> dict:
@@ -59,6 +60,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
     _check_plain(ckpt)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
+        os.chmod(tmp, FILE_MODE)  # the temp file is created 0600; a checkpoint is an ordinary artefact
 
 
 def load_checkpoint(path_or_name: str | os.PathLike) -> dict:

@@ -93,6 +93,7 @@ def download(url: str) -> Path:
                 raise UserError(f"cannot download {clean_url}: the server sent 0 bytes")
             if expected_sha and digest.hexdigest() != expected_sha:
                 raise UserError(f"cannot download {clean_url}: it has sha256 {digest.hexdigest()}, expected {expected_sha}")
+            os.chmod(tmp, 0o644)  # the temp file is created 0600
     except UserError:
         raise
     except urllib.error.HTTPError as e:
