@@ -26,6 +26,7 @@ import numpy as np
 
 from yolo.data.dataset import (
     IMAGE_UNREADABLE,
+    KEPT,
     KEPT_AS_BACKGROUND,
     LABEL_BAD_ROW,
     LABEL_MISSING,
@@ -103,7 +104,7 @@ def verify_file(task: tuple[str, str, str, str, int, tuple[str, str] | None]) ->
         problems.append((IMAGE_UNREADABLE, image_rel, f"cannot read: {image_error}", SKIPPED))
     else:
         shape, image_problems, usable = check_image_bytes(image_bytes)
-        problems += [(code, image_rel, msg, SKIPPED if not usable else "kept") for code, msg in image_problems]
+        problems += [(code, image_rel, msg, KEPT if usable else SKIPPED) for code, msg in image_problems]
     if usable:
         if label_error is not None:
             usable = False

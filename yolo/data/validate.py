@@ -68,10 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_non_negative_int, default=0, help="parallel workers (0: all cores)")
 
 
-def run(args: argparse.Namespace) -> int:
-    report = validate(ValidateConfig(data=args.data, out=args.out, max_bad_fraction=args.max_bad_fraction,
-                                     workers=args.workers))
-    return 0 if report["ok"] else 2
+def run(args: argparse.Namespace) -> None:
+    validate(ValidateConfig(data=args.data, out=args.out, max_bad_fraction=args.max_bad_fraction,
+                            workers=args.workers))
 
 
 def _problem(split: str | None, file: str, code: str, message: str, action: str) -> dict:
