@@ -59,8 +59,7 @@ def test_label_plots_are_png_and_deterministic(tmp_path):
     plot_labels(boxes, NAMES, b)
     assert a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and a.read_bytes() == b.read_bytes()
     plot_correlogram(boxes, tmp_path / "c.png")
-    plot_correlogram(np.zeros((0, 5)), tmp_path / "empty.png")  # a split of backgrounds still plots
-    plot_labels(np.zeros((0, 5)), NAMES, tmp_path / "empty_labels.png")
+    plot_labels(np.zeros((0, 5)), NAMES, tmp_path / "empty.png")  # a split of backgrounds still plots
     assert (tmp_path / "c.png").stat().st_size > 10_000 and (tmp_path / "empty.png").exists()
 
 
@@ -150,3 +149,21 @@ def test_cli_unknown_cfg_is_a_user_error(coco128_yaml, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "yolov5q" in err[0]
     assert not (tmp_path / "anchors.json").exists()
+
+
+@pytest.mark.slow
+def test_cli_on_sample_data_reuses_validates_index(tmp_path, capsys):
+    data = tmp_path / "sample"
+    assert main(["sample-data", "--out", str(data), "--train", "12", "--val", "4", "--imgsz", "96"]) == 0
+    assert main(["validate", "--data", str(data / "data.yaml"), "--out", str(tmp_path / "v")]) == 0
+    out = tmp_path / "st"
+    rc = main(["stats", "--data", str(data / "data.yaml"), "--index", str(tmp_path / "v" / "index"),
+               "--cfg", "yolov5n.yaml", "--imgsz", "96", "--generations", "30", "--out", str(out)])
+    assert rc == 0
+    stats = json.loads((out / "label_stats.json").read_text())
+    assert stats["splits"]["train"]["images"] == 12 and stats["splits"]["val"]["images"] == 4
+    assert len(stats["names"]) == stats["nc"] == len(stats["splits"]["train"]["per_class"])
+    anchors = json.loads((out / "anchors.json").read_text())
+    assert anchors["imgsz"] == 96 and anchors["labels"] == stats["splits"]["train"]["instances"] > 0
+    assert (out / "labels.png").stat().st_size > 0 and (out / "labels_correlogram.png").stat().st_size > 0
+    assert sorted(p.name for p in data.iterdir()) == ["data.yaml", "images", "labels"]  # nothing written there
