@@ -62,6 +62,22 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _parent_made(path: str | os.PathLike) -> Path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return Path(path)
+
+
+def log_metrics(artifact, values: dict[str, float]) -> None:
+    """log_metric each value, and write them as JSON at the artifact's path.
+
+    The file matters: a Metrics artifact is otherwise metadata only, and kfp.local's cache treats an
+    output whose path does not exist as missing — every task with a Metrics output would never be a hit.
+    """
+    for name, value in values.items():
+        artifact.log_metric(name, value)
+    _parent_made(artifact.path).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
 def data_yaml_of(dataset_path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """The data.yaml inside a Dataset artifact folder written by import_data."""
     name = (metadata or {}).get("data_yaml") or DATA_YAML
@@ -303,13 +319,17 @@ def validate(dataset, max_bad_fraction: float, workers: int, index, report, summ
         ],
     )
     result = _read_json(out / "report.json")
-    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "report.md", report.path)
+    shutil.copyfile(out / "report.md", _parent_made(report.path))
     index.metadata.update({"ok": bool(result["ok"]), "problems": len(result.get("problems", []))})
-    for split, counts in sorted(result.get("splits", {}).items()):
-        for name in ("images", "images_ok", "backgrounds", "boxes", "problems"):
-            if isinstance(counts.get(name), (int, float)):
-                summary.log_metric(f"{split}_{name}", counts[name])
+    log_metrics(
+        summary,
+        {
+            f"{split}_{name}": counts[name]
+            for split, counts in sorted(result.get("splits", {}).items())
+            for name in ("images", "images_ok", "backgrounds", "boxes", "problems")
+            if isinstance(counts.get(name), (int, float))
+        },
+    )
     return bool(result["ok"])
 
 
@@ -332,9 +352,8 @@ def stats(dataset, index, cfg: str, weights: str, imgsz: int, stats_out, metrics
         ],
     )
     anchors = _read_json(out / "anchors.json")
-    for name in ("bpr_before", "bpr_after", "aat_before", "aat_after"):
-        if anchors.get(name) is not None:
-            metrics.log_metric(name, float(anchors[name]))
+    fit = ("bpr_before", "bpr_after", "aat_before", "aat_after")
+    log_metrics(metrics, {name: float(anchors[name]) for name in fit if anchors.get(name) is not None})
     stats_out.metadata.update(
         {"anchors_changed": bool(anchors.get("changed")), "imgsz": anchors.get("imgsz")}
     )
@@ -477,7 +496,10 @@ def evaluate(
     if current is not None:
         from yolo.storage import open_storage
 
-        baseline = out.parent / f"{out.name}-baseline-metrics.json"
+        baseline = (
+            out / "baseline_metrics.json"
+        )  # kept inside the artifact: gate.json names what it compared to
+        out.mkdir(parents=True, exist_ok=True)
         open_storage(registry_uri).get(current["metrics_key"], baseline)
         args += ["--baseline", baseline]
         evaluation.metadata["baseline_version"] = current["version"]
@@ -487,10 +509,13 @@ def evaluate(
         raise RuntimeError("yolo evaluate failed with exit code 2 (see its log)")
     result = _read_json(out / "metrics.json")
     gate = _read_json(out / "gate.json")
-    for name in ("precision", "recall", "map50", "map50_95", "fitness"):
-        metrics.log_metric(name, float(result[name]))
+    log_metrics(
+        metrics,
+        {name: float(result[name]) for name in ("precision", "recall", "map50", "map50_95", "fitness")},
+    )
     matrix = _read_json(out / "confusion_matrix.json")
     confusion.log_confusion_matrix([str(label) for label in matrix["labels"]], matrix["matrix"])
+    shutil.copyfile(out / "confusion_matrix.json", _parent_made(confusion.path))
     evaluation.metadata.update({"promote": bool(gate["promote"]), "reasons": gate.get("reasons", [])})
     return bool(gate["promote"])
 

@@ -417,6 +417,8 @@ def test_evaluate_glue_uses_registry_baseline_and_failed_gate_is_not_an_error(mo
         "map50_95": 0.15,
         "fitness": 0.15,
     }
+    # Also written at the artifact's path: an existing file is what lets kfp.local's cache reuse the task.
+    assert json.loads(Path(metrics.path).read_text()) == metrics.metadata
     assert confusion.metadata["confusionMatrix"]["categories"] == ["a", "background"]
     assert evaluation.metadata["baseline_version"] == "v3"
 
