@@ -217,6 +217,11 @@ def run_parameters(args: argparse.Namespace, root: Path) -> dict:
         registry_uri=params["registry_uri"],
         workers=params["workers"],
     )
+    from components.runtime import parse_source
+
+    source = parse_source(params["dataset_source"])
+    if source.kind == "local" and not Path(source.location).exists():  # here (unlike a pod) we can see it
+        raise UserError(f"dataset source {source.location}: no such folder or data.yaml")
     return params
 
 
@@ -284,9 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "compile":
-            return compile_pipeline(args)
-        return run_local(args)
+        try:
+            if args.command == "compile":
+                return compile_pipeline(args)
+            return run_local(args)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.split(".")[0] == "kfp":
+                raise UserError(f"{e.name} is not installed: pip install -e '.[pipeline]'") from None
+            raise
     except UserError as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

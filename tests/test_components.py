@@ -188,6 +188,7 @@ def test_run_local_refuses_bad_parameters_before_anything_runs(tmp_path):
         (["--gpus", "3"], "gpus=3"),
         (["--imgsz", "100"], "imgsz=100"),
         (["--dataset-source", "ftp://host/data"], "unknown scheme 'ftp'"),
+        (["--dataset-source", "/no/such/data.yaml"], "no such folder or data.yaml"),
     ):
         result = subprocess.run(
             [sys.executable, "-m", "pipelines", "run-local", "--pipeline-root", str(root), *flags],
