@@ -302,3 +302,12 @@ def test_plot_batch_draws_boxes_in_class_colours(tmp_path):
     assert np.abs(grid[40, 20].astype(int) - class_color(2)).max() < 30  # anti-aliased; grey is >100 away
     # image 2 sits in the second row, first column: its class-1 box left edge at x = 10, y = 64 + 16
     assert np.abs(grid[64 + 18, 10].astype(int) - class_color(1)).max() < 30
+
+
+def test_cache_auto_uses_ram_only_when_images_fit(index, monkeypatch):
+    import yolo.data.loader as loader_module
+
+    store = loader_module.ImageStore(index, 64, True, cache="auto")
+    assert store.cache == "ram" and store.ram_bytes() == sum(im.nbytes for im in store.ram)
+    monkeypatch.setattr(loader_module, "available_memory", lambda: store.ram_bytes() * 2)  # needs 50% > 25%
+    assert loader_module.ImageStore(index, 64, True, cache="auto").cache is None

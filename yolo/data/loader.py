@@ -38,7 +38,8 @@ from yolo.errors import UserError
 
 LOG = logging.getLogger(__name__)
 
-CACHE_MODES = ("ram", "disk")
+CACHE_MODES = ("ram", "disk", "auto")
+AUTO_RAM_FRACTION = 0.25  # cache='auto' keeps images in RAM when they need at most this share of free memory
 # Streams other than the per-sample one get their own spawn key, so (seed, epoch, slot) for samples can never
 # collide with the order, image-weights or quad draws of the same epoch.
 _ORDER_STREAM, _WEIGHTS_STREAM, _QUAD_STREAM = 1, 2, 3
@@ -110,12 +111,26 @@ def image_weights_from_maps(
 
 
 # ------------------------------------------------------------------------------------------------- images
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class ImageStore:
     """Images decoded and resized to long side imgsz (upstream load_image), from RAM, a disk cache or files.
 
     cache='ram' decodes everything up front in this process; DataLoader workers fork after that and share
     the pages copy-on-write. cache='disk' keeps the resized images as .npy under `cache_dir`, in a folder
-    keyed by the dataset fingerprint, imgsz and resize mode: never under the dataset.
+    keyed by the dataset fingerprint, imgsz and resize mode: never under the dataset. cache='auto' is 'ram'
+    when the resized images fit in AUTO_RAM_FRACTION of the available memory, else no cache. Decoding is
+    most of a sample's cost (4 JPEGs per mosaic), so a cache is what makes the loader cheap.
     """
 
     def __init__(
@@ -129,8 +144,13 @@ class ImageStore:
     ) -> None:
         if cache not in (None, *CACHE_MODES):
             raise UserError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
-        self.index, self.imgsz, self.augment, self.cache = index, imgsz, augment, cache
+        self.index, self.imgsz, self.augment = index, imgsz, augment
         self.hw0 = np.asarray(index.shapes, dtype=int).reshape(-1, 2)
+        if cache == "auto":
+            need, free = self.ram_bytes(), available_memory()
+            cache = "ram" if free is not None and need <= AUTO_RAM_FRACTION * free else None
+            LOG.info("cache auto: images need %.2f GB in RAM -> %s", need / 1e9, cache or "no cache")
+        self.cache = cache
         self.ram: list[np.ndarray | None] = []
         self.disk_dir: Path | None = None
         threads = threads or min(8, os.cpu_count() or 1)
@@ -146,6 +166,11 @@ class ImageStore:
             with ThreadPoolExecutor(threads) as pool:
                 self.ram = list(pool.map(self._decode, range(len(index))))
             LOG.info("ram cache: %.2f GB", sum(im.nbytes for im in self.ram) / 1e9)
+
+    def ram_bytes(self) -> int:
+        """Bytes the resized images take (from the index shapes, nothing decoded)."""
+        r = self.imgsz / self.hw0.max(1)
+        return int((np.ceil(self.hw0[:, 0] * r) * np.ceil(self.hw0[:, 1] * r) * 3).sum())
 
     def _disk_folder(self, cache_dir: str | os.PathLike | None) -> Path:
         if cache_dir is None:
