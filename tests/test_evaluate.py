@@ -275,7 +275,6 @@ def test_cli_bad_device_and_empty_split_exit_2(cli, tmp_path):
 
 
 def test_cli_weights_for_other_classes_exit_2(cli, tmp_path, yolov5n_pt):
-    pytest.importorskip("yolo.model.checkpoint")
     yaml = _write_dataset(tmp_path / "d")
     r = cli("evaluate", "--data", yaml, "--weights", yolov5n_pt, "--out", tmp_path / "o", "--device", "cpu")
     assert r.returncode == 2, r.stderr
@@ -284,7 +283,6 @@ def test_cli_weights_for_other_classes_exit_2(cli, tmp_path, yolov5n_pt):
 
 @pytest.mark.slow
 def test_cli_coco128_at_320(cli, tmp_path, coco128_yaml, yolov5n_pt):
-    pytest.importorskip("yolo.model.checkpoint")
     baseline = tmp_path / "baseline.json"  # a 'current model' that was much better on person (class 0)
     baseline.write_text(json.dumps(_metrics(0.9, 0.8, [(0, 0.99)])))
     out = tmp_path / "eval"

@@ -21,7 +21,7 @@ LEGEND_MAX_CLASSES = 20  # a legend per class only while it stays readable (upst
 
 def _save(fig: Figure, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=200)
+        fig.savefig(tmp, format="png", dpi=150)
 
 
 def _class_labels(class_ap: ClassAP, names: Sequence[str]) -> list[str]:
