@@ -167,3 +167,34 @@ def test_cli_on_sample_data_reuses_validates_index(tmp_path, capsys):
     assert anchors["imgsz"] == 96 and anchors["labels"] == stats["splits"]["train"]["instances"] > 0
     assert (out / "labels.png").stat().st_size > 0 and (out / "labels_correlogram.png").stat().st_size > 0
     assert sorted(p.name for p in data.iterdir()) == ["data.yaml", "images", "labels"]  # nothing written there
+
+
+P5 = [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]]
+
+
+def test_model_anchors_from_official_weights(yolov5n_pt):
+    from yolo.stats import model_anchors
+
+    anchors, strides, source = model_anchors(None, str(yolov5n_pt))
+    np.testing.assert_allclose(anchors, P5)
+    assert strides == [8.0, 16.0, 32.0] and source.startswith("weights:")
+
+
+def test_cfg_without_anchors_gets_evolved_ones(tmp_path):
+    import yaml
+
+    from yolo.anchors import AutoAnchorConfig, fit_anchors
+    from yolo.model.cfg import find_cfg
+    from yolo.stats import model_anchors
+
+    cfg = yaml.safe_load(find_cfg("yolov5n.yaml").read_text())
+    cfg["anchors"] = 3  # upstream's "let autoanchor make them"
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    anchors, strides, _ = model_anchors(str(path), None)
+    assert anchors.shape == (3, 6) and not anchors.any() and strides == [8.0, 16.0, 32.0]
+    rng = np.random.default_rng(0)
+    labels = [labels_of(np.c_[np.zeros(20), rng.uniform(0.2, 0.8, (20, 2)), rng.uniform(0.02, 0.5, (20, 2))])
+              for _ in range(5)]
+    fit = fit_anchors(np.full((5, 2), 640), labels, anchors, strides, AutoAnchorConfig(generations=50))
+    assert fit.bpr_before == 0.0 and fit.changed and fit.bpr_after > 0.9
