@@ -138,6 +138,10 @@ def build_parser() -> OneLineParser:
     )
     r.add_argument("--train-retries", type=int, default=0, help="retries of a failed train step (KFP: 3)")
     _add_run_arguments(r)
+    from pipelines import pytorchjob, retrain, submit  # shipping subcommands (docs/kubeflow.md)
+
+    for extra in (submit, retrain, pytorchjob):
+        extra.add_parser(sub)
     return parser
 
 
@@ -290,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
+            if hasattr(args, "handler"):  # submit, retrain, pytorchjob
+                return args.handler(args)
             if args.command == "compile":
                 return compile_pipeline(args)
             return run_local(args)

@@ -1,0 +1,600 @@
+"""`python -m pipelines submit`: compile the pipeline for a pinned image and start a run on a KFP cluster.
+
+Order of work, so that a mistake costs seconds: the host's healthz answers (short timeout: kfp.Client alone
+retries healthz five times, 5 s apart) → the pipeline is compiled by the `compile` subcommand in a child
+process (the component modules read the image when first imported, so a fresh interpreter is the one way
+to pin it reliably) → parameters are merged (pipeline defaults < params file < flags < --param), typed by
+the compiled spec and checked like every other entry point (components.params.check_parameters) → a
+`dvc://` dataset rev is resolved to a commit SHA → kfp.Client(...).create_run_from_pipeline_package.
+
+The token travels only in the Authorization header: it is never printed, logged, or made a parameter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from yolo.errors import UserError, did_you_mean
+
+HEALTHZ_PATH = "/apis/v2beta1/healthz"
+TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # the kfp SDK's own variable: a file holding the token
+UI_HOST_ENV = "KF_PIPELINES_UI_ENDPOINT"  # the kfp SDK's own variable for run links
+DEFAULT_EXPERIMENT = "yolo-pipeline"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `pipelines` package (for the compile child)
+FINISHED_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED")
+
+# The pipeline function's parameters, as flags spelled like the CLI's (tests check they match the spec).
+PIPELINE_FLAGS: tuple[tuple[str, type], ...] = (
+    ("dataset_source", str),
+    ("dataset_rev", str),
+    ("cfg", str),
+    ("weights", str),
+    ("epochs", int),
+    ("imgsz", int),
+    ("batch_size", int),
+    ("workers", int),
+    ("checkpoint_root", str),
+    ("registry_uri", str),
+    ("min_map50", float),
+    ("max_bad_fraction", float),
+    ("model_name", str),
+    ("train_extra_args", str),
+)
+# Compile-time options (the pod shape): passed through to `python -m pipelines compile` unchanged.
+CLUSTER_KEYS = (
+    "gpus",
+    "s3_secret",
+    "s3_endpoint",
+    "node_selector",
+    "tolerations",
+    "train_retries",
+    "train_cpu",
+    "train_memory",
+    "shm_size",
+)
+DEFAULT_GPUS = 1  # `compile`'s default
+PARAMS_FILE_KEYS = ("experiment", "cluster", "parameters")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass
+class ParamsFile:
+    """A production parameters file: `experiment`, `cluster` (compile options), `parameters` (run)."""
+
+    path: Path | None = None
+    experiment: str | None = None
+    cluster: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _section(raw: Any, name: str, known: tuple[str, ...], path: Path) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: `{name}` must be a mapping of KEY: VALUE")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name_ = str(key).replace("-", "_")
+        if name_ not in known:
+            spelled = [k.replace("_", "-") for k in known]
+            raise UserError(f"{path}: unknown key `{key}` in `{name}`{did_you_mean(str(key), spelled)}")
+        out[name_] = value
+    return out
+
+
+def load_params_file(path: str | os.PathLike) -> ParamsFile:
+    """Read a parameters file (keys spelled like the flags, `-` or `_`); UserError naming file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with {', '.join(PARAMS_FILE_KEYS)}")
+    for key in raw:
+        if key not in PARAMS_FILE_KEYS:
+            raise UserError(
+                f"{path}: unknown top-level key `{key}`{did_you_mean(str(key), PARAMS_FILE_KEYS)}"
+            )
+    experiment = raw.get("experiment")
+    return ParamsFile(
+        path=path,
+        experiment=str(experiment) if experiment else None,
+        cluster=_section(raw.get("cluster"), "cluster", CLUSTER_KEYS, path),
+        parameters=_section(raw.get("parameters"), "parameters", tuple(n for n, _ in PIPELINE_FLAGS), path),
+    )
+
+
+@dataclass
+class SubmitRequest:
+    """Everything one submission needs; `submit()` does the work."""
+
+    host: str
+    token: str | None = None
+    image: str | None = None
+    experiment: str | None = None
+    namespace: str | None = None
+    run_name: str | None = None
+    cluster: dict[str, Any] = field(default_factory=dict)  # compile options (CLUSTER_KEYS)
+    parameters: dict[str, Any] = field(default_factory=dict)  # typed pipeline parameters
+    raw_parameters: dict[str, str] = field(default_factory=dict)  # --param name=value, typed by the spec
+    resume_run: str | None = None
+    wait: bool = False
+    wait_timeout: float = 3 * 24 * 3600.0
+    poll_interval: float = 30.0
+    connect_timeout: float = 5.0
+
+
+@dataclass
+class SubmitResult:
+    run_id: str
+    url: str
+    experiment: str
+    image: str
+    parameters: dict[str, Any]
+    state: str | None = None  # with --wait: the final state
+
+
+def read_token(token: str | None) -> str | None:
+    """--token, else the file named by KF_PIPELINES_SA_TOKEN_PATH, else None (no Authorization header)."""
+    if token:
+        return token.strip()
+    path = os.environ.get(TOKEN_PATH_ENV)
+    if not path:
+        return None
+    try:
+        value = Path(path).read_text().strip()
+    except OSError as e:
+        raise UserError(f"{TOKEN_PATH_ENV}={path}: cannot read the token file ({e.strerror})") from None
+    if not value:
+        raise UserError(f"{TOKEN_PATH_ENV}={path}: the token file is empty")
+    return value
+
+
+# ------------------------------------------------------------------------------------------- image
+def split_image(ref: str) -> tuple[str, str | None, str | None]:
+    """`registry/name[:tag][@sha256:…]` → (name, tag, digest); UserError for what no registry accepts."""
+    name, _, digest = ref.partition("@")
+    tag = None
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = name.rsplit(":", 1)
+    parts = name.split("/")
+    host_ok = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]+)?$")
+    path_ok = re.compile(r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*$")
+    first_is_host = len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost")
+    bad = (
+        not name
+        or (first_is_host and not host_ok.match(parts[0]))
+        or any(not path_ok.match(p) for p in parts[1 if first_is_host else 0 :])
+        or (tag is not None and not re.match(r"^[\w][\w.-]{0,127}$", tag))
+        or (digest and not re.match(r"^sha256:[0-9a-f]{64}$", digest))
+        or (not digest and "@" in ref)
+    )
+    if bad:
+        raise UserError(
+            f"--image {ref!r}: not an image reference (REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:DIGEST)"
+        )
+    return name, tag, digest or None
+
+
+def is_pinned(ref: str) -> bool:
+    """A digest, or a tag other than `latest`: the run uses exactly the image that was tested."""
+    _, tag, digest = split_image(ref)
+    return bool(digest) or (tag is not None and tag != "latest")
+
+
+def effective_image(image: str | None) -> str:
+    from components import pipeline_image
+
+    return image or pipeline_image()
+
+
+# -------------------------------------------------------------------------------------------- host
+def check_host(host: str, token: str | None, timeout: float) -> dict[str, Any]:
+    """GET HOST/apis/v2beta1/healthz once with a short timeout; UserError (one line) when it fails."""
+    if not re.match(r"^https?://[^/\s]+", host):
+        raise UserError(f"--host {host!r}: expected http://HOST[:PORT][/PATH] or https://...")
+    url = host.rstrip("/") + HEALTHZ_PATH
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            hint = "the token was refused" if token else f"pass --token or set {TOKEN_PATH_ENV}"
+            raise UserError(
+                f"{host}: authentication failed (HTTP {e.code} from {HEALTHZ_PATH}): {hint}"
+            ) from None
+        if e.code == 404:
+            raise UserError(
+                f"{host}: no KFP v2 API here (HTTP 404 for {HEALTHZ_PATH}); give the API root, e.g. "
+                "http://localhost:8888 (port-forward of ml-pipeline) or https://KUBEFLOW/pipeline"
+            ) from None
+        raise UserError(f"{host}: KFP API answered HTTP {e.code} ({e.reason}) for {HEALTHZ_PATH}") from None
+    except (urllib.error.URLError, OSError, ssl.SSLError) as e:
+        reason = getattr(e, "reason", e)
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            reason = f"no answer within {timeout:g} s"
+        raise UserError(f"{host}: KFP API unreachable ({reason})") from None
+    try:
+        info = json.loads(body or b"{}")
+    except ValueError:
+        raise UserError(
+            f"{host}: {HEALTHZ_PATH} did not answer JSON (a login page? pass a token, or the API's own URL)"
+        ) from None
+    return info if isinstance(info, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------- compile
+def _cluster_args(cluster: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for key, value in cluster.items():
+        if value is None:
+            continue
+        if key == "node_selector":
+            items = value.items() if isinstance(value, dict) else (str(v).split("=", 1) for v in value)
+            for k, v in items:
+                args += ["--node-selector", f"{k}={v}"]
+        elif key == "tolerations":
+            for t in [value] if isinstance(value, str) else value:
+                args += ["--toleration", str(t)]
+        else:
+            args += [flag(key), str(value)]
+    return args
+
+
+def compile_package(out: Path, image: str | None, cluster: dict[str, Any]) -> None:
+    """`python -m pipelines compile --out OUT [--image I] [cluster flags]` in a fresh interpreter."""
+    argv = [sys.executable, "-m", "pipelines", "compile", "--out", str(out), *_cluster_args(cluster)]
+    if image:
+        argv += ["--image", image]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode == 2:  # a bad option: compile said what, in one line
+        line = (proc.stderr.strip().splitlines() or ["compile failed"])[-1]
+        raise UserError(line.split(": error: ", 1)[-1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"compiling the pipeline failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def root_parameters(package: Path) -> dict[str, dict[str, Any]]:
+    """name → {parameterType, defaultValue?} of the compiled pipeline's inputs."""
+    with package.open() as f:
+        spec = next(yaml.safe_load_all(f))
+    return spec["root"]["inputDefinitions"]["parameters"]
+
+
+def _typed(name: str, text: str, kind: str) -> Any:
+    try:
+        if kind == "NUMBER_INTEGER":
+            return int(text)
+        if kind == "NUMBER_DOUBLE":
+            return float(text)
+        if kind == "BOOLEAN":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if kind in ("LIST", "STRUCT"):
+            return json.loads(text)
+    except ValueError:
+        raise UserError(f"--param {name}={text}: not a valid {kind.lower().replace('_', ' ')}") from None
+    return text
+
+
+def merge_parameters(spec: dict[str, dict[str, Any]], request: SubmitRequest) -> dict[str, Any]:
+    """Pipeline defaults < request.parameters < --param, every value typed as the spec declares."""
+    values = {name: p.get("defaultValue") for name, p in spec.items() if "defaultValue" in p}
+    for name, value in {**request.parameters}.items():
+        if name not in spec:
+            raise UserError(f"pipeline has no parameter `{name}`{did_you_mean(name, spec)}")
+        values[name] = value
+    for name, text in request.raw_parameters.items():
+        if name not in spec:
+            raise UserError(f"--param {name}: the pipeline has no such parameter{did_you_mean(name, spec)}")
+        values[name] = _typed(name, text, spec[name]["parameterType"])
+    for name, p in spec.items():  # YAML may hand `epochs: 300.0` or `imgsz: "640"`
+        kind, value = p["parameterType"], values.get(name)
+        if value is None:
+            continue
+        if kind == "NUMBER_INTEGER" and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise UserError(f"parameter {name}={value}: must be an integer")
+            values[name] = _typed(name, str(int(float(value))), kind)
+        elif kind == "NUMBER_DOUBLE":
+            values[name] = _typed(name, str(value), kind)
+        elif kind == "STRING":
+            values[name] = str(value)
+    missing = [n for n, p in spec.items() if n not in values and not p.get("isOptional")]
+    if missing:
+        raise UserError(f"pipeline parameters without a value: {', '.join(missing)}")
+    return values
+
+
+def resolve_dataset_rev(values: dict[str, Any]) -> str | None:
+    """For a dvc:// source, replace the rev (branch, tag, '' = HEAD) by its commit SHA; returns the note."""
+    from components.runtime import parse_source, resolve_git_rev
+
+    source = parse_source(str(values.get("dataset_source", "")))
+    rev = str(values.get("dataset_rev") or "")
+    if source.kind != "dvc":
+        if rev:
+            raise UserError(f"--dataset-rev {rev!r}: only a dvc:// dataset source has a rev")
+        return None
+    sha = resolve_git_rev(source.location, rev)
+    values["dataset_rev"] = sha
+    return f"dataset rev {rev or 'HEAD'!r} of {source.location} → {sha}"
+
+
+def check_values(values: dict[str, Any], gpus: int) -> None:
+    from components.params import check_parameters
+
+    check_parameters(
+        dataset_source=values["dataset_source"],
+        imgsz=values["imgsz"],
+        epochs=values["epochs"],
+        batch_size=values["batch_size"],
+        gpus=gpus,
+        min_map50=values["min_map50"],
+        max_bad_fraction=values["max_bad_fraction"],
+        model_name=values["model_name"],
+        cfg=values["cfg"],
+        weights=values["weights"],
+        checkpoint_root=values["checkpoint_root"],
+        registry_uri=values["registry_uri"],
+        workers=values["workers"],
+    )
+
+
+def apply_resume(values: dict[str, Any], run_id: str) -> str:
+    """Point this run's train step at an earlier run's checkpoints: with the same run identity (same data,
+    cfg, hyp, arguments) `yolo train` continues its unfinished last.pt; anything else starts clean."""
+    from components.runtime import checkpoint_uri
+
+    root = str(values.get("checkpoint_root") or "")
+    if not root:
+        raise UserError("--resume-run needs checkpoint_root (the runs' checkpoints live under it)")
+    uri = checkpoint_uri(root, run_id)
+    values["train_extra_args"] = f"{values.get('train_extra_args') or ''} --checkpoint-uri {uri}".strip()
+    return uri
+
+
+# ------------------------------------------------------------------------------------------ submit
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _api_error(e: Exception, host: str, token: str | None) -> UserError:
+    status = getattr(e, "status", None)
+    message = getattr(e, "reason", None) or type(e).__name__
+    body = getattr(e, "body", None)
+    if body:
+        try:
+            message = json.loads(body).get("message") or message
+        except (ValueError, AttributeError):
+            message = str(body).strip().splitlines()[0][:300]
+    where = f"HTTP {status}" if status else "request failed"
+    return UserError(_scrub(f"{host}: KFP API {where}: {message}", token))
+
+
+def _run_url(host: str, run_id: str) -> str:
+    return f"{(os.environ.get(UI_HOST_ENV) or host).rstrip('/')}/#/runs/details/{run_id}"
+
+
+def submit(request: SubmitRequest, log=print) -> SubmitResult:
+    """Check the host, compile for the image, check and type the parameters, create the run."""
+    token = read_token(request.token)
+    image = effective_image(request.image)
+    split_image(image)
+    health = check_host(request.host, token, request.connect_timeout)
+    if health.get("multi_user") is True and not request.namespace:
+        raise UserError(
+            f"{request.host}: multi-user Kubeflow Pipelines: pass --namespace (your profile namespace)"
+        )
+    if not is_pinned(image):
+        print(
+            f"warning: image {image} is not pinned by a tag or digest: the run may not use the tested code",
+            file=sys.stderr,
+        )
+    gpus = request.cluster.get("gpus")
+    gpus = DEFAULT_GPUS if gpus is None else int(gpus)
+    with tempfile.TemporaryDirectory(prefix="yolo-submit-") as tmp:
+        package = Path(tmp) / "pipeline.yaml"
+        compile_package(package, request.image, request.cluster)
+        values = merge_parameters(root_parameters(package), request)
+        note = resolve_dataset_rev(values)
+        if note:
+            log(note)
+        if request.resume_run:
+            log(
+                f"resuming from the checkpoints of run {request.resume_run}: {apply_resume(values, request.resume_run)}"
+            )
+        check_values(values, gpus)
+        experiment = request.experiment or DEFAULT_EXPERIMENT
+        run_name = request.run_name or f"yolo-training {image.rsplit('/', 1)[-1]}"
+        run_id, state = _create_run(request, token, package, values, experiment, run_name)
+    url = _run_url(request.host, run_id)
+    return SubmitResult(
+        run_id=run_id, url=url, experiment=experiment, image=image, parameters=values, state=state
+    )
+
+
+def _create_run(request: SubmitRequest, token, package: Path, values, experiment: str, run_name: str):
+    import kfp
+    import kfp_server_api
+    import urllib3
+
+    errors = (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
+    # kfp prints its own links and a FutureWarning: keep stdout for the run id and URL.
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            kwargs = {"namespace": request.namespace} if request.namespace else {}
+            client = kfp.Client(host=request.host.rstrip("/"), existing_token=token, **kwargs)
+            result = client.create_run_from_pipeline_package(
+                str(package),
+                arguments=values,
+                run_name=run_name,
+                experiment_name=experiment,
+                namespace=request.namespace,
+            )
+        except errors as e:
+            raise _api_error(e, request.host, token) from None
+        run_id = result.run_id
+        if not run_id:
+            raise UserError(f"{request.host}: KFP API created a run but returned no run_id")
+        if not request.wait:
+            return run_id, None
+        try:
+            run = client.wait_for_run_completion(
+                run_id, timeout=request.wait_timeout, sleep_duration=request.poll_interval
+            )
+        except TimeoutError:
+            raise UserError(f"run {run_id}: not finished after {request.wait_timeout:g} s") from None
+        except errors as e:
+            raise _api_error(e, request.host, token) from None
+        return run_id, str(run.state or "UNKNOWN").upper()
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _name_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip().replace("-", "_"), value
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host", required=True, help="KFP API root, e.g. http://localhost:8888 or https://KF/pipeline"
+    )
+    p.add_argument("--token", help=f"bearer token (default: the file ${TOKEN_PATH_ENV} names, if set)")
+    p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
+    p.add_argument(
+        "--experiment", help=f"experiment name (default {DEFAULT_EXPERIMENT}, or the params file's)"
+    )
+    p.add_argument("--image", help="image of every step, pinned: REGISTRY/NAME:TAG or @sha256:DIGEST")
+    p.add_argument("--run-name", help="display name of the run")
+    p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds for the healthz check (5)")
+    p.add_argument(
+        "--wait", action="store_true", help="wait for the run to finish; exit 0 only if it succeeded"
+    )
+    p.add_argument("--wait-timeout", type=float, default=3 * 24 * 3600.0, help="seconds (3 days)")
+    p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between status polls (30)")
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """The cluster options `compile` takes and the pipeline's parameters, all defaulting to 'not given'."""
+    g = p.add_argument_group("cluster (compile-time) options")
+    g.add_argument("--gpus", type=int, help="GPUs per train pod: 0, 1, 2, 4 or 8 (default 1)")
+    g.add_argument("--s3-secret", help="Kubernetes Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    g.add_argument("--s3-endpoint", help="AWS_ENDPOINT_URL for MinIO or another S3-compatible store")
+    g.add_argument("--node-selector", action="append", metavar="KEY=VALUE", help="train pods; repeatable")
+    g.add_argument("--toleration", action="append", metavar="KEY[=VALUE][:EFFECT]", help="repeatable")
+    g.add_argument("--train-retries", type=int)
+    g.add_argument("--train-cpu")
+    g.add_argument("--train-memory")
+    g.add_argument("--shm-size")
+    r = p.add_argument_group("pipeline parameters")
+    for name, kind in PIPELINE_FLAGS:
+        r.add_argument(flag(name), dest=name, type=kind, metavar=kind.__name__.upper())
+    r.add_argument(
+        "--param",
+        action="append",
+        type=_name_value,
+        default=[],
+        metavar="NAME=VALUE",
+        help="any pipeline parameter, typed as the pipeline declares it; repeatable",
+    )
+    r.add_argument(
+        "--params-file", type=Path, help="YAML with experiment/cluster/parameters (see production.yaml)"
+    )
+    r.add_argument(
+        "--resume-run",
+        metavar="RUN_ID",
+        help="continue the train step of an earlier run from its checkpoints (same parameters)",
+    )
+
+
+def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None = None) -> SubmitRequest:
+    """Params file values, overridden by the flags given."""
+    params_file = params_file or (load_params_file(args.params_file) if args.params_file else ParamsFile())
+    cluster = dict(params_file.cluster)
+    flag_cluster = {
+        "gpus": args.gpus,
+        "s3_secret": args.s3_secret,
+        "s3_endpoint": args.s3_endpoint,
+        "node_selector": args.node_selector,
+        "tolerations": args.toleration,
+        "train_retries": args.train_retries,
+        "train_cpu": args.train_cpu,
+        "train_memory": args.train_memory,
+        "shm_size": args.shm_size,
+    }
+    cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
+    parameters = dict(params_file.parameters)
+    parameters.update({n: getattr(args, n) for n, _ in PIPELINE_FLAGS if getattr(args, n) is not None})
+    return SubmitRequest(
+        host=args.host,
+        token=args.token,
+        image=args.image,
+        experiment=args.experiment or params_file.experiment,
+        namespace=args.namespace,
+        run_name=args.run_name,
+        cluster=cluster,
+        parameters=parameters,
+        raw_parameters=dict(args.param),
+        resume_run=args.resume_run,
+        wait=args.wait,
+        wait_timeout=args.wait_timeout,
+        poll_interval=args.poll_interval,
+        connect_timeout=args.connect_timeout,
+    )
+
+
+def report(result: SubmitResult) -> int:
+    print(f"run_id: {result.run_id}")
+    print(f"url: {result.url}")
+    if result.state is None:
+        return 0
+    print(f"state: {result.state}")
+    return 0 if result.state == "SUCCEEDED" else 1
+
+
+def add_parser(sub) -> None:
+    """Register `submit` on the `python -m pipelines` subparsers."""
+    p = sub.add_parser("submit", help="compile for a pinned image and start a run on a KFP cluster")
+    add_connection_arguments(p)
+    add_pipeline_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return report(submit(request_from_args(args), log=lambda line: print(line, file=sys.stderr)))

@@ -1,0 +1,131 @@
+"""A loopback stand-in of the KFP v2beta1 REST API: the calls kfp.Client makes to submit and watch a run.
+
+kfp 2.x (kfp/client/client.py) makes, for `Client(host, existing_token)` +
+`create_run_from_pipeline_package(...)` + `wait_for_run_completion(...)`:
+  GET  /apis/v2beta1/healthz                   (Client.__init__, when no namespace is set)
+  GET  /apis/v2beta1/experiments?filter=...    (create_experiment → get_experiment by display_name)
+  POST /apis/v2beta1/experiments               (only when none matched)
+  POST /apis/v2beta1/runs                      (run_pipeline; the body holds pipeline_spec and runtime_config)
+  GET  /apis/v2beta1/runs/{run_id}             (get_run / wait_for_run_completion)
+Every request is recorded with its headers and JSON body, for the tests to assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+API = "/apis/v2beta1"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class KfpStandIn:
+    """State of the stand-in: experiments, runs, and every request seen."""
+
+    multi_user: bool = False
+    run_state: str = "SUCCEEDED"
+    requests: list[Recorded] = field(default_factory=list)
+    experiments: dict[str, dict] = field(default_factory=dict)
+    runs: dict[str, dict] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def created_runs(self) -> list[Recorded]:
+        return [r for r in self.requests if r.method == "POST" and r.path == f"{API}/runs"]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def _handler(state: KfpStandIn):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _record(self) -> Recorded:
+            parsed = urlparse(self.path)
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw else None
+            headers = {k.lower(): v for k, v in self.headers.items()}  # HTTP names are case-insensitive
+            rec = Recorded(self.command, parsed.path, parse_qs(parsed.query), headers, body)
+            with state.lock:
+                state.requests.append(rec)
+            return rec
+
+        def _send(self, status: int, obj: Any) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            rec = self._record()
+            if rec.path == f"{API}/healthz":
+                return self._send(
+                    200, {"commit_sha": "stand-in", "tag_name": "2.5.0", "multi_user": state.multi_user}
+                )
+            if rec.path == f"{API}/experiments":
+                wanted = None
+                if rec.query.get("filter"):
+                    predicates = json.loads(rec.query["filter"][0]).get("predicates", [])
+                    wanted = next((p.get("stringValue", p.get("string_value")) for p in predicates), None)
+                found = [e for e in state.experiments.values() if wanted in (None, e["display_name"])]
+                return self._send(200, {"experiments": found, "total_size": len(found)} if found else {})
+            if rec.path.startswith(f"{API}/runs/"):
+                run = state.runs.get(rec.path.rsplit("/", 1)[-1])
+                if run is None:
+                    return self._send(404, {"error": "run not found", "code": 5, "message": "run not found"})
+                return self._send(200, {**run, "state": state.run_state})
+            return self._send(404, {"error": "not found", "code": 5, "message": f"no route {rec.path}"})
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            rec = self._record()
+            if rec.path == f"{API}/experiments":
+                experiment_id = f"exp-{len(state.experiments) + 1}"
+                experiment = {"experiment_id": experiment_id, "display_name": rec.body["display_name"]}
+                state.experiments[experiment_id] = experiment
+                return self._send(200, experiment)
+            if rec.path == f"{API}/runs":
+                run_id = f"run-{len(state.runs) + 1:04d}"
+                run = {
+                    "run_id": run_id,
+                    "display_name": rec.body.get("display_name"),
+                    "experiment_id": rec.body.get("experiment_id"),
+                    "state": "PENDING",
+                }
+                state.runs[run_id] = run
+                return self._send(200, run)
+            return self._send(404, {"error": "not found", "code": 5, "message": f"no route {rec.path}"})
+
+    return Handler
+
+
+def start(**kwargs) -> KfpStandIn:
+    """A stand-in on 127.0.0.1 and a free port, served from a daemon thread."""
+    state = KfpStandIn(**kwargs)
+    state.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    threading.Thread(target=state.server.serve_forever, daemon=True).start()
+    return state
