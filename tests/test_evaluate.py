@@ -262,6 +262,41 @@ def test_read_baseline_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+def test_step_in_process_writes_everything_then_fails_min_map50(tmp_path, monkeypatch, capsys):
+    import yolo.model.checkpoint
+    from yolo.cli import main
+
+    yaml = _write_dataset(tmp_path / "d")
+    (tmp_path / "d" / "images" / "val" / "000000000099.png").write_bytes(b"not an image")  # skipped, reported
+    model = ColourBoxModel()
+    model.detect = type("DetectInfo", (), {"nc": 3})()
+    monkeypatch.setattr(yolo.model.checkpoint, "load_model", lambda weights, device, fuse=False: (model, {}))
+    out = tmp_path / "out"
+    code = main(["evaluate", "--data", str(yaml), "--weights", "stand-in.pt", "--out", str(out), "--imgsz", "64",
+                 "--device", "cpu", "--data-version", "dvc-md5", "--min-map50", "0.999"])
+    captured = capsys.readouterr()
+    assert code == 2 and "below --min-map50" in captured.err.strip().splitlines()[-1]
+    assert captured.out.splitlines()[0].split()[:2] == ["Class", "Images"] and "blue" in captured.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["map50"] == pytest.approx(PERFECT_AP) and metrics["images"] == 6
+    assert metrics["skipped_images"] == ["images/val/000000000099.png"]
+    assert metrics["data_version"] == "dvc-md5" and metrics["weights"] == "stand-in.pt"
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["promote"] is False and gate["min_map50"] == 0.999
+    assert json.loads((out / "image_ids.json").read_text())["images/val/000000000001.png"] == 1
+    assert len(json.loads((out / "predictions.json").read_text())) == 8
+    for name in ("per_class.csv", "pr_curve.csv", "confusion_matrix.json", "PR_curve.png", "confusion_matrix.png"):
+        assert (out / name).exists()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes left nothing behind
+
+    # the same model against its own metrics as baseline: promoted, exit 0
+    code = main(["evaluate", "--data", str(yaml), "--weights", "stand-in.pt", "--out", str(tmp_path / "again"),
+                 "--imgsz", "64", "--device", "cpu", "--baseline", str(out / "metrics.json")])
+    assert code == 0
+    gate = json.loads((tmp_path / "again" / "gate.json").read_text())
+    assert gate["promote"] and gate["delta"]["fitness"] == 0 and gate["regressed_classes"] == []
+
+
 def test_cli_bad_device_and_empty_split_exit_2(cli, tmp_path):
     yaml = _write_dataset(tmp_path / "d")
     r = cli("evaluate", "--data", yaml, "--weights", "none.pt", "--out", tmp_path / "o", "--device", "7")

@@ -17,6 +17,8 @@ from yolo.files import atomic_path
 from yolo.metrics import ClassAP, ap_per_class, smooth
 
 LEGEND_MAX_CLASSES = 20  # a legend per class only while it stays readable (upstream: < 21)
+# fixed margins (room for the legend on the right): tight_layout would draw every figure twice
+CURVE_MARGINS = {"left": 0.08, "right": 0.7, "bottom": 0.1, "top": 0.93}
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -30,7 +32,8 @@ def _class_labels(class_ap: ClassAP, names: Sequence[str]) -> list[str]:
 
 def plot_pr_curve(class_ap: ClassAP, names: Sequence[str], path: Path) -> None:
     """Precision vs recall at IoU 0.5 per class, with the mean curve and mAP50 in the legend."""
-    fig = Figure(figsize=(9, 6), tight_layout=True)
+    fig = Figure(figsize=(9, 6))
+    fig.subplots_adjust(**CURVE_MARGINS)
     ax = fig.subplots()
     recall, curves = class_ap.conf_grid, class_ap.pr_curve
     labels = _class_labels(class_ap, names)
@@ -55,7 +58,8 @@ def plot_confidence_curve(
     class_ap: ClassAP, curves: np.ndarray, names: Sequence[str], path: Path, ylabel: str
 ) -> None:
     """A metric (F1, precision or recall) vs confidence per class, with the smoothed mean and its peak."""
-    fig = Figure(figsize=(9, 6), tight_layout=True)
+    fig = Figure(figsize=(9, 6))
+    fig.subplots_adjust(**CURVE_MARGINS)
     ax = fig.subplots()
     conf = class_ap.conf_grid
     labels = _class_labels(class_ap, names)
@@ -81,7 +85,8 @@ def plot_confusion_matrix(normalized: np.ndarray, names: Sequence[str], path: Pa
     """Column-normalised confusion matrix (rows predicted, columns true), background last."""
     n = normalized.shape[0]
     shown = np.where(normalized < 0.005, np.nan, normalized)  # blank instead of a wall of 0.00
-    fig = Figure(figsize=(12, 9), tight_layout=True)
+    fig = Figure(figsize=(12, 9))
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.14, top=0.95)
     ax = fig.subplots()
     image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
