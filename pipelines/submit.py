@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -452,8 +453,8 @@ def _create_run(request: SubmitRequest, token, package: Path, values, experiment
     import urllib3
 
     errors = (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
-    # kfp prints its own links and a FutureWarning: keep stdout for the run id and URL.
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+    # kfp prints its own links and a FutureWarning: stdout is for the run id and URL, stderr for one-line errors.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
             kwargs = {"namespace": request.namespace} if request.namespace else {}

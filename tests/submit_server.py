@@ -37,6 +37,7 @@ class KfpStandIn:
 
     multi_user: bool = False
     run_state: str = "SUCCEEDED"
+    reject_runs: tuple[int, str] | None = None  # (HTTP status, message) answered to POST /runs
     requests: list[Recorded] = field(default_factory=list)
     experiments: dict[str, dict] = field(default_factory=dict)
     runs: dict[str, dict] = field(default_factory=dict)
@@ -108,6 +109,9 @@ def _handler(state: KfpStandIn):
                 experiment = {"experiment_id": experiment_id, "display_name": rec.body["display_name"]}
                 state.experiments[experiment_id] = experiment
                 return self._send(200, experiment)
+            if rec.path == f"{API}/runs" and state.reject_runs:
+                status, message = state.reject_runs
+                return self._send(status, {"error": message, "code": 3, "message": message})
             if rec.path == f"{API}/runs":
                 run_id = f"run-{len(state.runs) + 1:04d}"
                 run = {

@@ -213,6 +213,22 @@ def test_multi_user_backend_needs_a_namespace():
         state.stop()
 
 
+def test_a_rejected_run_is_one_line_naming_the_server_reason(capsys):
+    from pipelines.__main__ import main
+
+    state = submit_server.start(reject_runs=(400, "Invalid input error: pipeline spec is invalid"))
+    try:
+        assert main(["submit", "--host", state.url, "--token", TOKEN, "--image", IMAGE, "--epochs", "3"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0] == (
+            f"python -m pipelines submit: error: {state.url}: KFP API HTTP 400: "
+            "Invalid input error: pipeline spec is invalid"
+        )
+        assert "Traceback" not in "\n".join(err) and TOKEN not in "\n".join(err)
+    finally:
+        state.stop()
+
+
 def test_dataset_rev_resolves_to_the_commit_sha(tmp_path):
     repo = tmp_path / "data-repo"
     repo.mkdir()
