@@ -72,6 +72,8 @@ CLUSTER_KEYS = (
 )
 DEFAULT_GPUS = 1  # `compile`'s default
 PARAMS_FILE_KEYS = ("experiment", "cluster", "parameters")
+KIND_WORDS = {"NUMBER_INTEGER": "integer", "NUMBER_DOUBLE": "number", "BOOLEAN": "boolean (true/false)",
+              "LIST": "JSON list", "STRUCT": "JSON object"}  # fmt: skip
 
 
 def flag(name: str) -> str:
@@ -306,14 +308,16 @@ def _typed(name: str, text: str, kind: str) -> Any:
         if kind in ("LIST", "STRUCT"):
             return json.loads(text)
     except ValueError:
-        raise UserError(f"--param {name}={text}: not a valid {kind.lower().replace('_', ' ')}") from None
+        raise UserError(
+            f"parameter {name}={text}: not a valid {KIND_WORDS.get(kind, kind.lower())}"
+        ) from None
     return text
 
 
 def merge_parameters(spec: dict[str, dict[str, Any]], request: SubmitRequest) -> dict[str, Any]:
     """Pipeline defaults < request.parameters < --param, every value typed as the spec declares."""
     values = {name: p.get("defaultValue") for name, p in spec.items() if "defaultValue" in p}
-    for name, value in {**request.parameters}.items():
+    for name, value in request.parameters.items():
         if name not in spec:
             raise UserError(f"pipeline has no parameter `{name}`{did_you_mean(name, spec)}")
         values[name] = value
@@ -323,7 +327,9 @@ def merge_parameters(spec: dict[str, dict[str, Any]], request: SubmitRequest) ->
         values[name] = _typed(name, text, spec[name]["parameterType"])
     for name, p in spec.items():  # YAML may hand `epochs: 300.0` or `imgsz: "640"`
         kind, value = p["parameterType"], values.get(name)
-        if value is None:
+        if value is None:  # `weights:` left empty in YAML
+            if kind == "STRING" and name in values:
+                values[name] = ""
             continue
         if kind == "NUMBER_INTEGER" and not isinstance(value, bool):
             if isinstance(value, float) and not value.is_integer():

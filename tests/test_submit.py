@@ -141,8 +141,10 @@ def test_params_are_merged_typed_and_checked_against_the_spec(submitted):
     assert values["min_map50"] == 0.5 and values["train_extra_args"] == "--seed 1"
     with pytest.raises(UserError, match="no such parameter.*`epochs`"):
         sub.merge_parameters(spec, sub.SubmitRequest(host="http://x", raw_parameters={"epoch": "3"}))
-    with pytest.raises(UserError, match="not a valid number integer"):
+    with pytest.raises(UserError, match="epochs=many: not a valid integer"):
         sub.merge_parameters(spec, sub.SubmitRequest(host="http://x", raw_parameters={"epochs": "many"}))
+    empty = sub.merge_parameters(spec, sub.SubmitRequest(host="http://x", parameters={"weights": None}))
+    assert empty["weights"] == ""
     values = sub.merge_parameters(spec, sub.SubmitRequest(host="http://x", parameters={"imgsz": 100}))
     with pytest.raises(UserError, match="imgsz=100: must be a positive multiple of 32"):
         sub.check_values(values, gpus=1)
