@@ -522,7 +522,10 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     result = evaluate_model(model, index, cfg.eval, device, names, out_dir=out, plots=True)
     LOG.info(f"evaluated in {time.perf_counter() - t:.1f}s")
 
-    metrics = metrics_document(result, index.fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
+    from yolo.data.index import dataset_fingerprint_of
+
+    fingerprint = dataset_fingerprint_of(data, cfg.index, {cfg.split: index.fingerprint})  # = validate's
+    metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
     gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
                           cfg.max_class_drop)
     write_json(out / "metrics.json", metrics)

@@ -191,6 +191,18 @@ def dataset_fingerprint(yaml_sha: str, split_fingerprints: dict[str, str]) -> st
     return h.hexdigest()
 
 
+def dataset_fingerprint_of(data: DataConfig, index_dir: str | os.PathLike | None = None,
+                           known: dict[str, str] | None = None) -> str:
+    """The whole dataset's fingerprint, as validate's report.json records it: every step that consumes the
+    dataset records this one value (lineage). `known` holds split fingerprints a step already computed;
+    the other splits come from the index (cheap) or are verified in-process."""
+    fps = dict(known or {})
+    for split in data.splits:
+        if split not in fps:
+            fps[split] = build_split_index(data, split, index_dir).fingerprint
+    return dataset_fingerprint(yaml_hash(data), {s: fps[s] for s in data.splits})
+
+
 def verify_split(data: DataConfig, split: str, images: list[Path] | None = None,
                  previous: dict[str, FileRecord] | None = None, workers: int = 0, executor: str = "thread",
                  progress: bool = True) -> list[FileRecord]:
@@ -279,15 +291,18 @@ def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike
 
 # ---------------------------------------------------------------------------------------------- on disk
 def write_index(out_dir: Path, data: DataConfig, yaml_sha: str, split_records: dict[str, list[FileRecord]],
-                split_fps: dict[str, str], fingerprint: str) -> Path:
-    """Write DIR/index/ atomically: built in a temp folder beside it, then renamed into place."""
+                split_fps: dict[str, str], fingerprint: str, settings: dict | None = None) -> Path:
+    """Write DIR/index/ atomically: built in a temp folder beside it, then renamed into place.
+
+    `settings` records the validation rules the index passed (e.g. max_bad_fraction): provenance, and it
+    makes a changed rule change the index, so content-addressed consumers (DVC) rerun what follows."""
     final = out_dir / "index"
     tmp = out_dir / f".index.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # not mkdtemp: the index folder gets the usual umask permissions, not 0700
     try:
         meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "data_yaml": str(data.yaml_path),
                 "data_yaml_sha256": yaml_sha, "root": str(data.root), "names": data.names, "nc": data.nc,
-                "fingerprint": fingerprint, "splits": {}}
+                "fingerprint": fingerprint, "settings": settings or {}, "splits": {}}
         for split, records in split_records.items():
             counts = np.array([len(r.labels) for r in records], np.int64)
             boxes = (np.concatenate([r.labels for r in records]) if records else np.zeros((0, 5))).astype(np.float32)

@@ -126,7 +126,8 @@ def validate(cfg: ValidateConfig) -> dict:
               "max_bad_fraction": cfg.max_bad_fraction, "fingerprint": fingerprint,
               "index": "index" if ok else None, "splits": splits, "problems": problems}
     if ok:
-        write_index(out, data, yaml_sha, split_records, split_fps, fingerprint)
+        write_index(out, data, yaml_sha, split_records, split_fps, fingerprint,
+                    settings={"max_bad_fraction": cfg.max_bad_fraction})
     elif (out / "index").exists():  # an index from an earlier run must not vouch for this dataset
         shutil.rmtree(out / "index")
     write_text(out / "report.md", report_markdown(report))
