@@ -28,6 +28,7 @@ def exported(tmp_path_factory, yolov5n_pt):
     return folder, onnx_result, ts_result
 
 
+@pytest.mark.slow  # two exports of yolov5n: ~5 s alone, 15 s on the busy shared machine
 def test_onnx_checked_against_torch_with_metadata(exported):
     folder, result, _ = exported
     out = folder / "n.onnx"
@@ -41,6 +42,7 @@ def test_onnx_checked_against_torch_with_metadata(exported):
     assert json.loads(meta["stride"]) == 32 and json.loads(meta["names"])[0] == "person"
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_onnxruntime_and_torchscript_agree_and_onnx_axes_are_dynamic(exported):
     folder, _, ts_result = exported
