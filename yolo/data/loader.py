@@ -158,9 +158,12 @@ class ImageStore:
             self.disk_dir = self._disk_folder(cache_dir)
             todo = [i for i in range(len(index)) if not self._npy(i).exists()]
             if todo:
-                self.disk_dir.mkdir(parents=True, exist_ok=True)
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(self._write_npy, todo))
+                try:
+                    self.disk_dir.mkdir(parents=True, exist_ok=True)
+                    with ThreadPoolExecutor(threads) as pool:
+                        list(pool.map(self._write_npy, todo))
+                except OSError as e:
+                    raise UserError(f"cannot write the disk cache in {self.disk_dir}: {e.strerror or e}") from None
             LOG.info("disk cache %s: %d images (%d new)", self.disk_dir, len(index), len(todo))
         elif cache == "ram":
             with ThreadPoolExecutor(threads) as pool:
@@ -188,7 +191,7 @@ class ImageStore:
 
     def _npy(self, i: int) -> Path:
         assert self.disk_dir is not None
-        name = hashlib.sha1(self.index.files[i].encode("utf-8")).hexdigest()[:20]
+        name = hashlib.sha256(self.index.files[i].encode("utf-8")).hexdigest()[:24]
         return self.disk_dir / f"{name}.npy"
 
     def _write_npy(self, i: int) -> None:
