@@ -87,7 +87,7 @@ def test_check_img_size_rounds_up_to_stride():
 
 
 def test_list_images_sorted_and_filtered(tmp_path):
-    for name in ("b.jpg", "a.PNG", "c.txt", "d"):
+    for name in ("b.jpg", "a.PNG", "c.txt", "d", "._b.jpg"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.PNG", "b.jpg"]
     assert list_images(tmp_path / "b.jpg") == [tmp_path / "b.jpg"]

@@ -110,7 +110,10 @@ def list_images(source: Path) -> list[Path]:
     """One image, or a folder's images sorted by path (non-images ignored, no recursion), as detect.py."""
     if source.is_dir():
         files = sorted(source.glob("*.*"), key=lambda p: str(p))
-        images = [p for p in files if p.is_file() and p.suffix[1:].lower() in IMG_FORMATS]
+        # glob.glob('*.*') as upstream lists it: no hidden files (e.g. macOS '._x.jpg' resource forks)
+        images = [
+            p for p in files if p.is_file() and not p.name.startswith(".") and p.suffix[1:].lower() in IMG_FORMATS
+        ]
         if not images:
             raise UserError(f"--source {source}: no images found (looked for {', '.join(sorted(IMG_FORMATS))})")
         return images
