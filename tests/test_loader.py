@@ -311,3 +311,25 @@ def test_cache_auto_uses_ram_only_when_images_fit(index, monkeypatch):
     assert store.cache == "ram" and store.ram_bytes() == sum(im.nbytes for im in store.ram)
     monkeypatch.setattr(loader_module, "available_memory", lambda: store.ram_bytes() * 2)  # needs 50% > 25%
     assert loader_module.ImageStore(index, 64, True, cache="auto").cache is None
+
+
+def test_flips_mirror_image_and_boxes(index):
+    base = dict(hsv_h=0, hsv_s=0, hsv_v=0, degrees=5)
+    plain = TrainDataset(index, 64, Hyp(**base, fliplr=0, flipud=0))
+    lr = TrainDataset(index, 64, Hyp(**base, fliplr=1, flipud=0))
+    ud = TrainDataset(index, 64, Hyp(**base, fliplr=0, flipud=1))
+    for key in [(0, 0), (1, 3), (2, 5)]:
+        (im, lb, _, _), (im_lr, lb_lr, _, _), (im_ud, lb_ud, _, _) = plain[key], lr[key], ud[key]
+        assert len(lb) > 0
+        assert torch.equal(im_lr, im.flip(-1)) and torch.equal(im_ud, im.flip(-2))
+        torch.testing.assert_close(lb_lr[:, 2], 1 - lb[:, 2])
+        torch.testing.assert_close(lb_ud[:, 3], 1 - lb[:, 3])
+        torch.testing.assert_close(lb_lr[:, [1, 3, 4, 5]], lb[:, [1, 3, 4, 5]])
+
+
+def test_hsv_changes_pixels_not_boxes(index):
+    grey = TrainDataset(index, 64, Hyp(hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0))
+    colour = TrainDataset(index, 64, Hyp(hsv_h=0.1, hsv_s=0.7, hsv_v=0.4, fliplr=0))
+    for key in [(0, 1), (3, 4)]:
+        (im, lb, _, _), (im2, lb2, _, _) = grey[key], colour[key]
+        assert torch.equal(lb, lb2) and not torch.equal(im, im2)
