@@ -29,6 +29,15 @@ from yolo.engine.preemption import EXIT_SIGINT, EXIT_SIGTERM, StopRequested
 from yolo.engine.run_identity import run_identity
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads stall each other at every barrier."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TinyNet(nn.Module):
     def __init__(self):
         super().__init__()

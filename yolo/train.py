@@ -286,6 +286,9 @@ class Trainer:
         self.epoch_log = EpochLog()
         self.nonfinite_run = 0  # consecutive non-finite steps
         self.nonfinite_total = 0
+        self._bad_on_device = torch.zeros((), dtype=torch.int64, device=self.device)  # CUDA bookkeeping
+        self._bad_seen = 0
+        self._window_start = 0
         self.finished = False
         self.best_metrics: dict[str, float] | None = None
         self.final_metrics: dict[str, float] | None = None
@@ -328,7 +331,6 @@ class Trainer:
     def fit(self, stop: StopRequested) -> TrainResult:
         cfg = self.cfg
         if self.ctx.is_main:
-            self.sink.check()
             LOG.info(
                 f"run {self.s.run_id}: {self.epochs} epochs, batch {cfg.batch_size} "
                 f"({self.ctx.world_size} process(es)), accumulate to {self.schedule.accumulate(10**9)} batches, "
@@ -400,7 +402,9 @@ class Trainer:
             if finite and step_now:
                 finite = self._optimizer_step()
                 self.last_opt_step = ni
-            if not finite:
+            if self.device.type == "cuda":
+                self._track_nonfinite_on_device(loss, items, epoch, i)
+            elif not finite:
                 log.skipped_steps += 1
                 self._on_nonfinite(epoch, i)
             else:
@@ -454,20 +458,48 @@ class Trainer:
             self.ema.update(self.model)
         return True
 
+    def _track_nonfinite_on_device(self, loss: torch.Tensor, items: torch.Tensor, epoch: int, i: int) -> None:
+        """CUDA: count non-finite losses without a sync (GradScaler skips their steps); every 10 batches
+        read the count back and, after NONFINITE_RECOVER_AFTER in a row, recover as on the CPU."""
+        finite = torch.isfinite(loss.detach())
+        self._bad_on_device += (~finite).int()
+        new_mean = (self.mloss * i + items.float()) / (i + 1)
+        self.mloss.copy_(torch.where(finite, new_mean, self.mloss))
+        if (i + 1) % 10 and i + 1 != self.nb:
+            return
+        total = int(self._bad_on_device.item())
+        new, self._bad_seen = total - self._bad_seen, total
+        window, self._window_start = (i + 1) - self._window_start, (i + 1) % self.nb
+        if new:
+            LOG.warning(f"{new} non-finite loss(es) up to epoch {epoch} batch {i}: GradScaler skipped the steps")
+            self.epoch_log.skipped_steps += new
+            self.nonfinite_total += new
+            self.nonfinite_run = self.nonfinite_run + new if new == window else new
+        else:
+            self.nonfinite_run = 0
+        # every rank votes at the same batches, so all of them recover together or none does
+        if dist_utils.any_rank(self.nonfinite_run >= NONFINITE_RECOVER_AFTER, self.ctx, self.device):
+            self._recover(epoch, i)
+
     def _on_nonfinite(self, epoch: int, i: int) -> None:
+        """CPU: the step was skipped; after NONFINITE_RECOVER_AFTER in a row, recover."""
         self.nonfinite_run += 1
         self.nonfinite_total += 1
         if self.nonfinite_run == 1:
             LOG.warning(f"non-finite loss at epoch {epoch} batch {i}: step skipped")
         if self.nonfinite_run >= NONFINITE_RECOVER_AFTER:
-            self.restore_good_state()
-            self.lr_scale *= 0.5
-            self.nonfinite_run = 0
-            LOG.warning(
-                f"{NONFINITE_RECOVER_AFTER} non-finite steps in a row: restored the state of "
-                f"{self.good_state['label']} and lowered the learning rate to x{self.lr_scale:g}"
-            )
-            self.schedule.apply(self.optimizer, i + self.nb * epoch, epoch, self.lr_scale)
+            self._recover(epoch, i)
+
+    def _recover(self, epoch: int, i: int) -> None:
+        """Back to the last good state with half the learning rate (repeated non-finite steps)."""
+        self.restore_good_state()
+        self.lr_scale *= 0.5
+        self.nonfinite_run = 0
+        LOG.warning(
+            f"{NONFINITE_RECOVER_AFTER} non-finite steps in a row: restored the state of "
+            f"{self.good_state['label']} and lowered the learning rate to x{self.lr_scale:g}"
+        )
+        self.schedule.apply(self.optimizer, i + self.nb * epoch, epoch, self.lr_scale)
 
     def _should_stop(self, stop: StopRequested, epoch: int, iteration: int) -> bool:
         # Under DDP all ranks must stop at the same batch: agree every step on CPU (a tiny gloo
@@ -764,6 +796,8 @@ class Trainer:
             "data_version": self.cfg.data_version,
             "world_size": self.ctx.world_size,
             "nonfinite_steps": self.nonfinite_total,
+            "peak_gpu_memory_gb": (torch.cuda.max_memory_reserved(self.device) / 1e9
+                                   if self.device.type == "cuda" else None),
         }
 
     def _result(self, code: int) -> TrainResult:

@@ -154,6 +154,10 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
         # an explicit OMP_NUM_THREADS wins (a shared machine, a CPU quota); else the cores, split by rank
         torch.set_num_threads(dist_utils.cpu_threads_per_rank(ctx))
     out = prepare_out_dir(cfg.out)
+    if cfg.checkpoint_uri and ctx.is_main:
+        from yolo.storage import open_storage
+
+        open_storage(cfg.checkpoint_uri).check_access(write=True)  # unreachable/denied: one line, exit 2
 
     data, train_index, val_index, fingerprint = _load_data(cfg)
     if explicit is not None and data is not None:
@@ -231,7 +235,7 @@ def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> No
 
 def _load_data(cfg):
     from yolo.data.dataset import load_data_config, load_split
-    from yolo.data.index import dataset_fingerprint, yaml_hash
+    from yolo.data.index import dataset_fingerprint_of
 
     data = load_data_config(cfg.data)
     for split in ("train", "val"):
@@ -239,8 +243,8 @@ def _load_data(cfg):
             raise UserError(f"{data.yaml_path}: no `{split}` split (training needs train and val)")
     train_index = load_split(data, "train", index_dir=cfg.index, single_cls=cfg.single_cls)
     val_index = load_split(data, "val", index_dir=cfg.index, single_cls=cfg.single_cls)
-    fingerprint = dataset_fingerprint(yaml_hash(data), {"train": train_index.fingerprint,
-                                                        "val": val_index.fingerprint})
+    fingerprint = dataset_fingerprint_of(data, cfg.index, {"train": train_index.fingerprint,
+                                                           "val": val_index.fingerprint})
     if train_index.labels:
         classes = np.concatenate([lb[:, 0] for lb in train_index.labels])
         if len(classes) and classes.max() >= (1 if cfg.single_cls else data.nc):
@@ -322,13 +326,16 @@ def _read_last(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _fetch_remote_last(uri: str) -> tuple[dict[str, Any], str] | None:
+def _fetch_remote_last(uri: str, dest: Path | None = None) -> tuple[dict[str, Any], str] | None:
+    """Download and read the last.pt at a run URI (or a .pt URI); kept at `dest` when given."""
     from yolo.storage import open_storage
 
     base, key = (uri.rsplit("/", 1)[0], uri.rsplit("/", 1)[1]) if uri.endswith(".pt") else (uri, LAST_KEY)
     storage = open_storage(base)
     if not storage.exists(key):
         return None
+    if dest is not None:
+        return _read_last(storage.get(key, dest)), storage.uri_for(key)
     with tempfile.TemporaryDirectory(prefix="yolo-resume-") as tmp:
         local = storage.get(key, Path(tmp) / "last.pt")
         return _read_last(local), storage.uri_for(key)
@@ -413,28 +420,34 @@ def _automatic_resume(cfg, ctx: DistContext, out: Path, run_id: str) -> tuple[di
     decision = dist_utils.broadcast_object(decision, ctx)
     if decision is None:
         return None
-    if ctx.is_main or not decision.startswith("s3://"):
-        if Path(decision).is_file():
-            return _read_last(Path(decision)), decision
-    found = _fetch_remote_last(decision)
+    path, origin = decision
+    if Path(path).is_file():
+        return _read_last(Path(path)), origin
+    # another node of a multi-node job: the run folder is not shared, the URI is
+    found = _fetch_remote_last(cfg.checkpoint_uri) if cfg.checkpoint_uri else None
     if found is None:
-        raise UserError(f"{decision} disappeared while resuming")
+        raise UserError(f"rank {ctx.rank}: cannot read {path} (not on this node) and no --checkpoint-uri")
     return found
 
 
-def _find_own_last(cfg, out: Path, run_id: str) -> str | None:
+def _find_own_last(cfg, out: Path, run_id: str) -> tuple[str, str] | None:
+    """(local path, where it came from) of this run's unfinished last.pt, or None."""
     local = out / LAST_KEY
     if local.is_file():
-        verdict = _judge(_read_last_quiet(local), run_id, str(local))
-        if verdict:
-            return str(local)
+        if _judge(_read_last_quiet(local), run_id, str(local)):
+            return str(local), str(local)
     if cfg.checkpoint_uri:
-        found = _fetch_remote_last(cfg.checkpoint_uri)
-        if found is not None and _judge(found[0], run_id, found[1]):
-            staged = out / "weights" / ".resume-last.pt"
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(found[0], staged)
-            return str(staged)
+        # download beside the local last.pt; when it is this run's state it becomes the local last.pt
+        staged = out / "weights" / ".remote-last.pt"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            found = _fetch_remote_last(cfg.checkpoint_uri, staged)
+            if found is not None and _judge(found[0], run_id, found[1]):
+                os.replace(staged, local)
+                LOG.info(f"restored {local} from {found[1]}")
+                return str(local), found[1]
+        finally:
+            staged.unlink(missing_ok=True)
     return None
 
 

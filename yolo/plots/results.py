@@ -8,24 +8,23 @@ from pathlib import Path
 
 from yolo.files import atomic_path
 
-# Panels in upstream's order where the column exists; anything else numeric follows.
-_PREFERRED = (
+# Upstream's ten panels (2 x 5) where the column exists; the three lr groups share one panel.
+_PANELS = (
     "train/box_loss",
     "train/obj_loss",
     "train/cls_loss",
     "metrics/precision",
     "metrics/recall",
-    "val/box_loss",
-    "val/obj_loss",
-    "val/cls_loss",
     "metrics/mAP_0.5",
     "metrics/mAP_0.5:0.95",
+    "fitness",
+    "x/lr",
+    "data_wait_share",
 )
-_SKIP = {"epoch"}
 
 
 def plot_results(rows: Sequence[dict[str, float | str | None]], path: str | Path) -> Path | None:
-    """Draw each numeric column of `rows` against epoch into `path` (atomic); None when no rows."""
+    """Draw the training curves of `rows` (results.csv rows) against epoch into `path` (atomic PNG)."""
     if not rows:
         return None
     import matplotlib
@@ -33,27 +32,24 @@ def plot_results(rows: Sequence[dict[str, float | str | None]], path: str | Path
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    columns = [c for c in _PREFERRED if c in rows[0]]
-    columns += [c for c in rows[0] if c not in columns and c not in _SKIP and not c.startswith("x/")]
-    columns += [c for c in rows[0] if c.startswith("x/")]
     epochs = [int(r["epoch"]) for r in rows]
-    series = {c: [_number(r.get(c)) for r in rows] for c in columns}
-    columns = [c for c in columns if any(v is not None for v in series[c])]
-    ncols = 5
-    nrows = max(1, math.ceil(len(columns) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 2.6 * nrows), squeeze=False)
-    for ax, column in zip(axes.flat, columns, strict=False):
-        xs = [e for e, v in zip(epochs, series[column], strict=True) if v is not None]
-        ys = [v for v in series[column] if v is not None]
-        ax.plot(xs, ys, marker=".", linewidth=1.5, markersize=6)
-        ax.set_title(column, fontsize=10)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(columns) :]:
-        ax.axis("off")
-    fig.tight_layout()
+    fig, axes = plt.subplots(2, 5, figsize=(12, 5))
+    for ax, panel in zip(axes.flat, _PANELS, strict=True):
+        columns = sorted(c for c in rows[0] if c.startswith(panel)) if panel == "x/lr" else [panel]
+        for column in columns:
+            points = [(e, _number(r.get(column))) for e, r in zip(epochs, rows, strict=True)]
+            points = [(e, v) for e, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", linewidth=1.5, markersize=6,
+                        label=column[2:] if panel == "x/lr" else None)
+        ax.set_title(panel, fontsize=10)
+        if panel == "x/lr" and len(columns) > 1:
+            ax.legend(fontsize=7)
+    # fixed margins: tight_layout measures every tick label and costs more than the drawing itself
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.93, wspace=0.35, hspace=0.35)
     out = Path(path)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out
 
