@@ -333,3 +333,16 @@ def test_hsv_changes_pixels_not_boxes(index):
     for key in [(0, 1), (3, 4)]:
         (im, lb, _, _), (im2, lb2, _, _) = grey[key], colour[key]
         assert torch.equal(lb, lb2) and not torch.equal(im, im2)
+
+
+def test_real_split_index_from_coco128(coco128_yaml):
+    from yolo.data.dataset import load_data_config, load_split
+
+    index = load_split(load_data_config(coco128_yaml), "train")
+    ds = TrainDataset(index, 128, Hyp(), seed=0)
+    for key in [(0, 0), (0, 1)]:
+        im, labels, path, _ = ds[key]
+        assert im.shape == (3, 128, 128) and Path(path).exists()
+        assert labels.shape[1] == 6 and ((labels[:, 2:] >= 0) & (labels[:, 2:] <= 1)).all()
+    im, labels, _, shapes = TrainDataset(index, 128, Hyp(), augment=False)[0]
+    assert shapes[0] == tuple(index.shapes[0]) and im.shape == (3, 128, 128)
