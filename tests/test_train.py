@@ -174,7 +174,7 @@ class NaNLoss:
 
 
 @pytest.mark.slow
-def test_non_finite_losses_are_skipped_then_recovered(tiny_data, tmp_path, monkeypatch, caplog):
+def test_non_finite_losses_are_skipped_then_recovered_and_tensorboard_logs(tiny_data, tmp_path, monkeypatch, caplog):
     import yolo.engine.setup as setup_module
 
     real_prepare = setup_module.prepare_run
@@ -186,7 +186,8 @@ def test_non_finite_losses_are_skipped_then_recovered(tiny_data, tmp_path, monke
 
     monkeypatch.setattr(setup_module, "prepare_run", prepare_with_nan)
     caplog.set_level(logging.WARNING)
-    result = train(tiny_config(tiny_data, tmp_path / "run", epochs=4))
+    pytest.importorskip("tensorboard")
+    result = train(tiny_config(tiny_data, tmp_path / "run", epochs=4, tensorboard=True))
     assert result.exit_code == 0
     last = torch.load(tmp_path / "run/weights/last.pt", weights_only=True)
     assert last["train"]["nonfinite_total"] == 6
@@ -196,6 +197,41 @@ def test_non_finite_losses_are_skipped_then_recovered(tiny_data, tmp_path, monke
     rows = list(csv.DictReader((tmp_path / "run/results.csv").open()))
     assert sum(int(r["skipped_steps"]) for r in rows) == 6
     assert all(math.isfinite(float(r["train/box_loss"])) for r in rows)
+    assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))  # --tensorboard wrote scalars
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["rect-adamw-single-cls", "quad-image-weights-cache-freeze", "cfg-weights-anchors"])
+def test_option_combinations_train(case, tiny_data, tiny_run, tmp_path):
+    best = str(tiny_run / "weights/best.pt")
+    anchors = tmp_path / "anchors.json"
+    rows = [[4, 6, 8, 12, 16, 10], [12, 24, 24, 18, 24, 48], [46, 36, 62, 80, 150, 130]]
+    anchors.write_text(json.dumps({"imgsz": 128, "strides": [8, 16, 32], "anchors": rows}))
+    options = {
+        "rect-adamw-single-cls": dict(rect=True, cos_lr=True, optimizer="AdamW", label_smoothing=0.1,
+                                      single_cls=True, weights=best, epochs=2, noval=False),
+        "quad-image-weights-cache-freeze": dict(quad=True, image_weights=True, cache="ram", freeze=[3], workers=2,
+                                                epochs=2, noval=False),
+        "cfg-weights-anchors": dict(cfg="yolov5n.yaml", weights=best, anchors=anchors, autoanchor=True),
+    }[case]
+    result = train(tiny_config(tiny_data, tmp_path / "run", **options))
+    assert result.exit_code == 0 and (tmp_path / "run/weights/best.pt").is_file()
+    ckpt = torch.load(tmp_path / "run/weights/best.pt", weights_only=True)
+    if case == "rect-adamw-single-cls":
+        assert ckpt["names"] == ["item"] and ckpt["cfg"]["nc"] == 1
+        assert ckpt["args"]["optimizer"] == "AdamW" and ckpt["args"]["rect"]
+    elif case == "cfg-weights-anchors":
+        # anchors.json fitted at 128 px, rescaled x0.5 for imgsz 64; kept by the autoanchor check here
+        assert ckpt["anchors_px"] == [[v / 2 for v in row] for row in rows]
+    else:
+        from yolo.model.cfg import load_cfg
+        from yolo.model.yolo import DetectionModel
+
+        torch.manual_seed(0)  # the run seeds with --seed 0 before building its model
+        initial = DetectionModel(load_cfg("yolov5n.yaml"), nc=4).state_dict()
+        trained = torch.load(tmp_path / "run/weights/last.pt", weights_only=True)["train"]["model"]
+        assert torch.equal(trained["model.2.cv1.conv.weight"], initial["model.2.cv1.conv.weight"])  # frozen
+        assert not torch.equal(trained["model.3.conv.weight"], initial["model.3.conv.weight"])  # trained
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -412,7 +412,7 @@ class Trainer:
                 self.mloss.mul_(i).add_(items.float()).div_(i + 1)  # running mean, stays on the device
 
             self.iteration = i + 1
-            log.images += imgs.shape[0] * ctx.world_size  # all ranks together
+            log.images += imgs.shape[0] * (4 if cfg.quad else 1) * ctx.world_size  # source images, all ranks
             if bar is not None and (now - last_refresh > PROGRESS_REFRESH_S or i + 1 == self.nb):
                 last_refresh = now
                 losses = self._refresh_bar(bar, epoch, targets.shape[0], imgs.shape[-1])

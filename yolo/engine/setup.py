@@ -150,9 +150,8 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
                         f"({ctx.world_size})")
     dist_utils.init_distributed(ctx, device)
     _seed_everything(cfg.seed, cfg.deterministic, device)
-    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        # an explicit OMP_NUM_THREADS wins (a shared machine, a CPU quota); else the cores, split by rank
-        torch.set_num_threads(dist_utils.cpu_threads_per_rank(ctx))
+    if device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(ctx, cfg.deterministic))
     out = prepare_out_dir(cfg.out)
     if cfg.checkpoint_uri and ctx.is_main:
         from yolo.storage import open_storage
@@ -218,6 +217,23 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
         train_index=train_index, val_index=val_index, train_loader=loader, train_dataset=dataset, run_id=run_id,
         dataset_fingerprint=fingerprint, resume_state=resume_state, resumed_from=resumed_from,
     )  # fmt: skip
+
+
+def _cpu_threads(ctx: DistContext, deterministic: bool) -> int:
+    """Intra-op threads for a CPU run: OMP_NUM_THREADS when set; else the cores split between local ranks,
+    but 1 when the machine is already busy (1-min load >= cores): there every thread of a parallel op waits
+    for the slowest at each barrier, and one thread measured 3x faster than two (docs/benchmarks.md).
+    --deterministic never adapts to the load: the thread count changes float summation order."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = dist_utils.cpu_threads_per_rank(ctx)
+    cores = threads * max(1, ctx.local_world_size)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if threads > 1 and not deterministic and load >= cores:
+        LOG.info(f"load average {load:.1f} on {cores} cores: 1 intra-op thread per process (set OMP_NUM_THREADS "
+                 f"to choose)")
+        return 1
+    return threads
 
 
 def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
