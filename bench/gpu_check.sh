@@ -58,7 +58,7 @@ for r in rows:
     print(f"epoch {r['epoch']}: {float(r['images_per_s']):.1f} img/s, data wait {100 * float(r['data_wait_share']):.0f}%,"
           f" {float(r['seconds']):.1f}s")
 print(f"train: {doc['images_per_s']:.1f} img/s over all epochs, data wait {100 * doc['data_wait_share']:.0f}%, "
-      f"peak GPU memory {doc.get('peak_gpu_memory_gb', float('nan')):.2f} GB, step wall {train_s}s")
+      f"peak GPU memory {doc.get('peak_gpu_memory_gb') or float('nan'):.2f} GB, step wall {train_s}s")
 print(f"train final (EMA, in-training val): mAP50 {doc['final']['map50']:.4f}, mAP50-95 {doc['final']['map50_95']:.4f}")
 speed = metrics["speed_ms"]
 print(f"evaluate: mAP50 {metrics['map50']:.4f}, mAP50-95 {metrics['map50_95']:.4f}; per image "
