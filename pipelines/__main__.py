@@ -25,6 +25,10 @@ PROG = "python -m pipelines"
 
 
 class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a typo like `--epoch` is an error, not `--epochs`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 

@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line on stderr and exit code 2."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a typo like `--epoch` is an error, not `--epochs`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 
