@@ -11,6 +11,7 @@ Resume decision (see docs/architecture.md, "Training"):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -224,8 +225,9 @@ def _cpu_threads(ctx: DistContext, deterministic: bool) -> int:
     but 1 when the machine is already busy (1-min load >= cores): there every thread of a parallel op waits
     for the slowest at each barrier, and one thread measured 3x faster than two (docs/benchmarks.md).
     --deterministic never adapts to the load: the thread count changes float summation order."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("OMP_NUM_THREADS", "0")) > 0:
+            return int(os.environ["OMP_NUM_THREADS"])
     threads = dist_utils.cpu_threads_per_rank(ctx)
     cores = threads * max(1, ctx.local_world_size)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
