@@ -38,6 +38,17 @@ def one_thread(monkeypatch):
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def restore_logging():
+    """cli.main() points the root logger at the current (captured) stderr; undo that afterwards so later
+    tests do not log into a closed capture stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_data")
@@ -237,7 +248,7 @@ def test_option_combinations_train(case, tiny_data, tiny_run, tmp_path):
 # ------------------------------------------------------------------------------------ bad input
 
 
-def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data, capsys):
+def test_bad_input_is_one_line_exit_2(tmp_path, tiny_data, capsys, restore_logging):
     from yolo.cli import main
 
     cases = [

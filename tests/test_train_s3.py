@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -41,6 +42,17 @@ def one_thread(monkeypatch):
     torch.use_deterministic_algorithms(before[1])
 
 
+@pytest.fixture
+def restore_logging():
+    """cli.main() points the root logger at the current (captured) stderr; undo that afterwards so later
+    tests do not log into a closed capture stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.mark.slow
 def test_s3_outage_mid_training_does_not_stop_it(tmp_path, monkeypatch):
     data = tmp_path / "data"
@@ -71,7 +83,7 @@ def test_s3_outage_mid_training_does_not_stop_it(tmp_path, monkeypatch):
         server.stop()
 
 
-def test_unreachable_checkpoint_uri_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+def test_unreachable_checkpoint_uri_is_one_line_exit_2(tmp_path, monkeypatch, capsys, restore_logging):
     from yolo.cli import main
     from yolo.data.sample import SampleConfig, write_sample_dataset
 
