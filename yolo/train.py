@@ -256,9 +256,9 @@ class Trainer:
         self.amp = self.device.type == "cuda"
         self.model: nn.Module = setup.model
         self.epochs = cfg.epochs
-        self.batch_size = cfg.batch_size  # total over all ranks; accumulation is based on it (as upstream)
 
-        # optimiser: decay scaled to the images per step; the schedule sets lr/momentum every step
+        # optimiser: decay scaled to the images per step (--batch-size is the total over all ranks, as
+        # upstream's accumulation uses it); the schedule sets lr/momentum every step
         wd = scaled_weight_decay(self.hyp.weight_decay, cfg.batch_size)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.hyp.lr0, self.hyp.momentum, wd)
         self.ema = ModelEMA(self.model) if ctx.is_main else None
@@ -807,7 +807,8 @@ class Trainer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        self.sink.close(timeout=0)
+        # normally already closed; after an error, give the newest checkpoint a minute to reach the store
+        self.sink.close(timeout=60)
 
 
 def _cpu(obj: Any, clone: bool = False) -> Any:
