@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
         top.parse_args(argv[:1])  # prints help/version or a one-line error, then exits
         return EXIT_USER_ERROR
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    # Our progress at INFO; third-party libraries (botocore, ...) only at WARNING, so a user error is
+    # not preceded by their chatter.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("yolo").setLevel(logging.INFO)
     command = argv[0]
     try:
         parser = build_parser(command)
