@@ -487,6 +487,18 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
     )
 
 
+def _cpu_threads_for_load() -> None:
+    """One intra-op thread when the machine is already busy (1-min load >= cores, OMP_NUM_THREADS unset):
+    there two OpenMP threads wait for each other at every barrier and inference ran 2-4x slower than with
+    one (docs/benchmarks.md); the trainer follows the same rule. Results do not depend on it."""
+    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg") or torch.get_num_threads() < 2:
+        return
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cores:
+        LOG.info(f"load average {load:.1f} on {cores} cores: 1 intra-op thread (set OMP_NUM_THREADS to choose)")
+        torch.set_num_threads(1)
+
+
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
     from yolo.data.dataset import load_data_config, load_split
@@ -513,8 +525,10 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
                         f"{data.nc}; pass weights trained on this data (or --single-cls)")
     if device.type == "cuda":
         model.half()
-    elif cfg.eval.channels_last:
-        model.to(memory_format=torch.channels_last)
+    else:
+        _cpu_threads_for_load()
+        if cfg.eval.channels_last:
+            model.to(memory_format=torch.channels_last)
     names = list(data.names)
     LOG.info(f"evaluating {cfg.weights} on {len(index)} {cfg.split} images at {cfg.eval.imgsz} "
              f"(batch {cfg.eval.batch_size}) on {device}")
