@@ -488,15 +488,10 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
 
 
 def _cpu_threads_for_load() -> None:
-    """One intra-op thread when the machine is already busy (1-min load >= cores, OMP_NUM_THREADS unset):
-    there two OpenMP threads wait for each other at every barrier and inference ran 2-4x slower than with
-    one (docs/benchmarks.md); the trainer follows the same rule. Results do not depend on it."""
-    if os.environ.get("OMP_NUM_THREADS") or not hasattr(os, "getloadavg") or torch.get_num_threads() < 2:
-        return
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load >= cores:
-        LOG.info(f"load average {load:.1f} on {cores} cores: 1 intra-op thread (set OMP_NUM_THREADS to choose)")
-        torch.set_num_threads(1)
+    """Inference threads by the trainer's rule (yolo.device.cpu_threads); results do not depend on it."""
+    from yolo.device import cpu_threads
+
+    torch.set_num_threads(cpu_threads(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:

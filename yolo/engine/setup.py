@@ -11,7 +11,6 @@ Resume decision (see docs/architecture.md, "Training"):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -221,21 +220,11 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
 
 
 def _cpu_threads(ctx: DistContext, deterministic: bool) -> int:
-    """Intra-op threads for a CPU run: OMP_NUM_THREADS when set; else the cores split between local ranks,
-    but 1 when the machine is already busy (1-min load >= cores): there every thread of a parallel op waits
-    for the slowest at each barrier, and one thread measured 3x faster than two (docs/benchmarks.md).
-    --deterministic never adapts to the load: the thread count changes float summation order."""
-    with contextlib.suppress(ValueError):
-        if int(os.environ.get("OMP_NUM_THREADS", "0")) > 0:
-            return int(os.environ["OMP_NUM_THREADS"])
+    """The cores this process may use (shared between local ranks), by yolo.device.cpu_threads' rule."""
+    from yolo.device import cpu_threads
+
     threads = dist_utils.cpu_threads_per_rank(ctx)
-    cores = threads * max(1, ctx.local_world_size)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if threads > 1 and not deterministic and load >= cores:
-        LOG.info(f"load average {load:.1f} on {cores} cores: 1 intra-op thread per process (set OMP_NUM_THREADS "
-                 f"to choose)")
-        return 1
-    return threads
+    return cpu_threads(threads, threads * max(1, ctx.local_world_size), adapt_to_load=not deterministic)
 
 
 def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
