@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from yolo.anchors import AutoAnchorConfig, fit_anchors, label_wh, model_anchors_px
+from yolo.argtypes import float_between, int_at_least
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_json
 
@@ -143,49 +144,16 @@ def run_stats(config: StatsConfig) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text}") from None
 
 
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text}")
-    return value
 
 
-def _anchor_thr(text: str) -> float:
-    value = _float(text)
-    if value <= 1:
-        raise argparse.ArgumentTypeError(f"must be above 1 (a width/height ratio), got {text}")
-    return value
 
 
-def _fraction(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be within 0..1, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,15 +165,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--cfg", default=None, help=f"model cfg whose anchors are checked (default {DEFAULT_CFG})")
     source.add_argument("--weights", default=None, help="checkpoint whose anchors are checked")
-    parser.add_argument("--imgsz", "--img-size", type=_positive_int, default=defaults.imgsz,
+    parser.add_argument("--imgsz", "--img-size", type=int_at_least(1), default=defaults.imgsz,
                         help="training image size: label sizes in pixels with the long side at imgsz")
-    parser.add_argument("--anchor-thr", type=_anchor_thr, default=defaults.thr,
+    parser.add_argument("--anchor-thr", type=float_between(1, low_open=True), default=defaults.thr,
                         help="hyp anchor_t: a label fits an anchor within this width/height ratio")
-    parser.add_argument("--bpr-target", type=_fraction, default=defaults.bpr_target,
+    parser.add_argument("--bpr-target", type=float_between(0, 1), default=defaults.bpr_target,
                         help="evolve anchors when the best possible recall is below this")
-    parser.add_argument("--generations", type=_non_negative_int, default=defaults.generations,
+    parser.add_argument("--generations", type=int_at_least(0), default=defaults.generations,
                         help="generations of the genetic anchor search")
-    parser.add_argument("--seed", type=_non_negative_int, default=defaults.seed, help="seed of every random draw")
+    parser.add_argument("--seed", type=int_at_least(0), default=defaults.seed, help="seed of every random draw")
     parser.add_argument("--force", action="store_true", help="evolve anchors even when the BPR meets the target")
 
 

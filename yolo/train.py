@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from yolo.argtypes import float_between, int_at_least
 from yolo.engine import distributed as dist_utils
 from yolo.engine.checkpointing import CheckpointSink, capture_rng, restore_rng
 from yolo.engine.ema import ModelEMA, unwrap
@@ -107,34 +108,10 @@ def _strip_credentials(uri: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
-def _unit_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,16 +124,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--anchors", type=Path, help="anchors.json from the stats step (beats --cfg's and the checkpoint's)")
     a("--autoanchor", action="store_true", help="check anchor fit on the training labels and evolve if poor")
     a("--hyp", type=Path, help="hyperparameter yaml (default: upstream hyp.scratch-low values)")
-    a("--epochs", type=_positive_int, default=None, help=f"total epochs (default {d.epochs})")
-    a("--batch-size", type=_positive_int, default=d.batch_size, help="total batch size for all processes")
-    a("--imgsz", "--img", "--img-size", type=_positive_int, default=d.imgsz, help="train/val image size (px)")
+    a("--epochs", type=int_at_least(1), default=None, help=f"total epochs (default {d.epochs})")
+    a("--batch-size", type=int_at_least(1), default=d.batch_size, help="total batch size for all processes")
+    a("--imgsz", "--img", "--img-size", type=int_at_least(1), default=d.imgsz, help="train/val image size (px)")
     a("--device", help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
-    a("--workers", type=_non_negative_int, help=f"loader workers per process, at most (default {d.workers})")
+    a("--workers", type=int_at_least(0), help=f"loader workers per process, at most (default {d.workers})")
     a("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     a("--cos-lr", action="store_true", help="cosine one-cycle lr schedule (default linear)")
-    a("--label-smoothing", type=_unit_float, default=d.label_smoothing)
-    a("--patience", type=_non_negative_int, default=d.patience, help="epochs without improvement before stopping")
-    a("--freeze", type=_non_negative_int, nargs="+", default=d.freeze,
+    a("--label-smoothing", type=float_between(0, 1, high_open=True), default=d.label_smoothing)
+    a("--patience", type=int_at_least(0), default=d.patience, help="epochs without improvement before stopping")
+    a("--freeze", type=int_at_least(0), nargs="+", default=d.freeze,
       help="freeze the first N layers (one number) or the listed layer indices")
     a("--cache", nargs="?", const="ram", choices=("ram", "disk"), help="cache images in ram (default) or disk")
     a("--rect", action="store_true", help="rectangular training batches")

@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from yolo.argtypes import int_at_least
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir
 
@@ -43,25 +44,14 @@ class SampleConfig:
     imgsz: int = 128
 
 
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (data.yaml, images/, labels/)")
-    parser.add_argument("--seed", type=_count(0), default=0, help="random seed (same seed, same bytes)")
-    parser.add_argument("--train", type=_count(1), default=384, help="training images (default %(default)s)")
-    parser.add_argument("--val", type=_count(1), default=96, help="validation images (default %(default)s)")
-    parser.add_argument("--imgsz", type=_count(32), default=128, help="image side in pixels (default %(default)s)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="random seed (same seed, same bytes)")
+    parser.add_argument("--train", type=int_at_least(1), default=384, help="training images (default %(default)s)")
+    parser.add_argument("--val", type=int_at_least(1), default=96, help="validation images (default %(default)s)")
+    parser.add_argument("--imgsz", type=int_at_least(32), default=128, help="image side in pixels (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from yolo.argtypes import float_between, int_at_least
 from yolo.data.dataset import (
     FATAL,
     NAMES_MISMATCH,
@@ -39,33 +40,17 @@ class ValidateConfig:
     workers: int = 0  # 0: all cores
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="data.yaml (upstream YOLOv5 format)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: report.json, report.md, index/")
-    parser.add_argument("--max-bad-fraction", type=_fraction, default=DEFAULT_MAX_BAD_FRACTION,
+    parser.add_argument("--max-bad-fraction", type=float_between(0, 1), default=DEFAULT_MAX_BAD_FRACTION,
                         help="fail when more than this fraction of a split's images is unusable "
                              "(missing label files do not count; default %(default)s)")
-    parser.add_argument("--workers", type=_non_negative_int, default=0, help="parallel workers (0: all cores)")
+    parser.add_argument("--workers", type=int_at_least(0), default=0, help="parallel workers (0: all cores)")
 
 
 def run(args: argparse.Namespace) -> None:
