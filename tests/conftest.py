@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,18 @@ COCO128 = SHARED / "datasets" / "coco128" / "data.yaml"
 YOLOV5N = SHARED / "weights" / "yolov5n.pt"
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """cli.main() points the root logger at the current (captured) stderr; undo that after every test so
+    later tests do not log into a closed capture stream."""
+    root, ours = logging.getLogger(), logging.getLogger("yolo")
+    handlers, level, our_level = list(root.handlers), root.level, ours.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    ours.setLevel(our_level)
 
 
 @pytest.fixture(scope="session")

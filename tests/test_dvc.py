@@ -144,7 +144,7 @@ def test_typo_in_params_fails_naming_the_key(dvc_repo):
         (repo / "params.yaml").write_text(params_before)
 
 
-def test_remote_push_pull_and_get_round_trip(dvc_repo, s3_server, tmp_path):
+def test_remote_push_pull_get_and_import_round_trip(dvc_repo, s3_server, tmp_path):
     repo, env, _ = dvc_repo
     s3 = {**env, **s3_server.env()}
     bucket = make_bucket(s3)
@@ -168,3 +168,13 @@ def test_remote_push_pull_and_get_round_trip(dvc_repo, s3_server, tmp_path):
     got = tmp_path / "got"
     _run(["dvc", "get", str(repo), "data/sample", "-o", str(got)], tmp_path, s3)
     assert _tree_digest(got) == before
+    # ... or by `dvc import`, which records the source repo and the commit it came from.
+    other = tmp_path / "other"
+    other.mkdir()
+    _run(["git", "init", "-q"], other, s3)
+    _run(["dvc", "init", "-q"], other, s3)
+    _run(["dvc", "import", str(repo), "data/sample", "-o", "sample"], other, s3)
+    assert _tree_digest(other / "sample") == before
+    imported = yaml.safe_load((other / "sample.dvc").read_text())
+    assert imported["deps"][0]["repo"]["url"] == str(repo)
+    assert len(imported["deps"][0]["repo"]["rev_lock"]) == 40

@@ -38,15 +38,6 @@ def one_thread(monkeypatch):
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def restore_logging():
-    """cli.main() points the root logger at the current (captured) stderr; undo that afterwards so later
-    tests do not log into a closed capture stream."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

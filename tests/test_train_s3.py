@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 
@@ -42,15 +41,6 @@ def one_thread(monkeypatch):
     torch.use_deterministic_algorithms(before[1])
 
 
-@pytest.fixture
-def restore_logging():
-    """cli.main() points the root logger at the current (captured) stderr; undo that afterwards so later
-    tests do not log into a closed capture stream."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.slow
