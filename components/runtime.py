@@ -364,12 +364,13 @@ def train_device(gpus: int) -> str:
     return "cpu" if gpus == 0 else ",".join(str(i) for i in range(gpus))
 
 
-def checkpoint_uri(checkpoint_root: str, run_key: str) -> str:
-    """Where this pipeline run's checkpoints live: a KFP retry of the same run finds and resumes them."""
+def checkpoint_uri(checkpoint_root: str) -> str:
+    """Where the train step's checkpoints live: ROOT/{run_id}, which `yolo train` fills with its run identity
+    (data fingerprint, cfg, hyp, result-changing args). A KFP retry, or a resubmission of the same data and
+    parameters after a lost node, lands in the same folder and resumes; other parameters start clean."""
     if not checkpoint_root:
         return ""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", run_key).strip("-") or "run"
-    return f"{checkpoint_root.rstrip('/')}/{safe}"
+    return f"{checkpoint_root.rstrip('/')}/{{run_id}}"
 
 
 def train(
@@ -416,7 +417,7 @@ def train(
         dataset.metadata.get("version", ""),
     ]
     args += ["--weights", weights] if weights else ["--cfg", cfg]
-    uri = checkpoint_uri(checkpoint_root, run_key)
+    uri = checkpoint_uri(checkpoint_root)
     if uri:
         args += ["--checkpoint-uri", uri]
     if extra_args.strip():
@@ -440,7 +441,8 @@ def train(
             "run_id": summary.get("run_id"),
             "data_version": summary.get("data_version"),
             "epochs_run": summary.get("epochs_run"),
-            "checkpoint_uri": uri or None,
+            "checkpoint_uri": summary.get("checkpoint_uri") or None,
+            "pipeline_run": run_key,
         }
     )
     return float(best.get("map50") or 0.0)

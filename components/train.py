@@ -1,4 +1,4 @@
-"""train: `yolo train` (torchrun when gpus > 1), checkpoints mirrored under checkpoint_root/run_key."""
+"""train: `yolo train` (torchrun when gpus > 1), checkpoints mirrored under checkpoint_root/{run identity}."""
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
@@ -25,7 +25,7 @@ def train(
 ) -> float:
     """Train; the Model artifact holds best.pt, train.json, results.csv. Returns the best mAP50.
 
-    With checkpoint_root set, last.pt/best.pt go to checkpoint_root/run_key every epoch; a retried pod
+    With checkpoint_root set, last.pt/best.pt go to checkpoint_root/<run identity> every epoch; a retried pod
     of the same pipeline run finds them there and resumes (the train step's run identity makes that safe).
     """
     from components.runtime import train as run_step

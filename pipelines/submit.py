@@ -144,7 +144,6 @@ class SubmitRequest:
     cluster: dict[str, Any] = field(default_factory=dict)  # compile options (CLUSTER_KEYS)
     parameters: dict[str, Any] = field(default_factory=dict)  # typed pipeline parameters
     raw_parameters: dict[str, str] = field(default_factory=dict)  # --param name=value, typed by the spec
-    resume_run: str | None = None
     wait: bool = False
     wait_timeout: float = 3 * 24 * 3600.0
     poll_interval: float = 30.0
@@ -380,19 +379,6 @@ def check_values(values: dict[str, Any], gpus: int) -> None:
     )
 
 
-def apply_resume(values: dict[str, Any], run_id: str) -> str:
-    """Point this run's train step at an earlier run's checkpoints: with the same run identity (same data,
-    cfg, hyp, arguments) `yolo train` continues its unfinished last.pt; anything else starts clean."""
-    from components.runtime import checkpoint_uri
-
-    root = str(values.get("checkpoint_root") or "")
-    if not root:
-        raise UserError("--resume-run needs checkpoint_root (the runs' checkpoints live under it)")
-    uri = checkpoint_uri(root, run_id)
-    values["train_extra_args"] = f"{values.get('train_extra_args') or ''} --checkpoint-uri {uri}".strip()
-    return uri
-
-
 # ------------------------------------------------------------------------------------------ submit
 def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
@@ -439,10 +425,6 @@ def submit(request: SubmitRequest, log=print) -> SubmitResult:
         note = resolve_dataset_rev(values)
         if note:
             log(note)
-        if request.resume_run:
-            log(
-                f"resuming from the checkpoints of run {request.resume_run}: {apply_resume(values, request.resume_run)}"
-            )
         check_values(values, gpus)
         experiment = request.experiment or DEFAULT_EXPERIMENT
         run_name = request.run_name or f"yolo-training {image.rsplit('/', 1)[-1]}"
@@ -543,11 +525,6 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--params-file", type=Path, help="YAML with experiment/cluster/parameters (see production.yaml)"
     )
-    r.add_argument(
-        "--resume-run",
-        metavar="RUN_ID",
-        help="continue the train step of an earlier run from its checkpoints (same parameters)",
-    )
 
 
 def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None = None) -> SubmitRequest:
@@ -578,7 +555,6 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         cluster=cluster,
         parameters=parameters,
         raw_parameters=dict(args.param),
-        resume_run=args.resume_run,
         wait=args.wait,
         wait_timeout=args.wait_timeout,
         poll_interval=args.poll_interval,

@@ -57,7 +57,7 @@ class ClusterOptions:
     shm_size: str = "16Gi"  # memory-backed /dev/shm for DataLoader workers (the 64 MiB default is too small)
     step_cpu: str = "2"
     step_memory: str = "8Gi"
-    train_retries: int = 3  # pod retries; each resumes from checkpoint_root/<run id>
+    train_retries: int = 3  # pod retries; each resumes from checkpoint_root/<run identity>
     node_selector: dict[str, str] = field(default_factory=dict)  # train pods only
     tolerations: tuple[Toleration, ...] = ()  # train pods only
 
@@ -95,7 +95,7 @@ def _configure_train(task: dsl.PipelineTask, options: ClusterOptions) -> None:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for t in options.tolerations:
         kubernetes.add_toleration(task, key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-    # A preempted or failed pod is retried; the retry finds checkpoint_root/<run id>/last.pt and resumes.
+    # A preempted or failed pod is retried; the retry finds checkpoint_root/<run identity>/last.pt and resumes.
     task.set_retry(
         num_retries=options.train_retries,
         backoff_duration="60s",

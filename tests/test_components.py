@@ -302,8 +302,8 @@ def test_yolo_command_uses_torchrun_for_several_gpus():
     assert argv[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert argv[5:] == ["-m", "yolo", "train", "--device", "0,1"]
     assert [runtime.train_device(g) for g in (0, 1, 4)] == ["cpu", "0", "0,1,2,3"]
-    assert runtime.checkpoint_uri("s3://b/ckpt/", "run 1/x") == "s3://b/ckpt/run-1-x"
-    assert runtime.checkpoint_uri("", "r") == ""
+    assert runtime.checkpoint_uri("s3://b/ckpt/") == "s3://b/ckpt/{run_id}"  # yolo train fills in its identity
+    assert runtime.checkpoint_uri("") == ""
 
 
 def _fake_step(calls: list, writes: dict[str, object], code: int = 0):
@@ -355,11 +355,12 @@ def test_train_glue_fills_model_artifact(monkeypatch, tmp_path):
     step, args, gpus = calls[0]
     assert (step, gpus) == ("train", 2)
     pairs = dict(zip(args[::2], args[1::2], strict=True))
-    assert pairs["--device"] == "0,1" and pairs["--checkpoint-uri"] == "s3://b/ckpt/job-1"
+    assert pairs["--device"] == "0,1" and pairs["--checkpoint-uri"] == "s3://b/ckpt/{run_id}"
     assert pairs["--cfg"] == "yolov5s.yaml" and pairs["--data-version"] == "v9" and pairs["--seed"] == "7"
     assert pairs["--anchors"] == str(tmp_path / "st" / "anchors.json")
     assert (Path(model.path) / "best.pt").read_bytes() == b"pt"
     assert model.metadata["map50"] == 0.42 and model.metadata["run_id"] == "abc"
+    assert model.metadata["pipeline_run"] == "job-1"
 
 
 def _eval_outputs(map50: float, promote: bool) -> dict:

@@ -192,3 +192,19 @@ def test_explicit_resume_extends_a_finished_run_and_refuses_other_data(tiny_run,
     assert result.exit_code == 0 and result.epochs_run == 2 and result.out == run
     doc = json.loads((run / "train.json").read_text())
     assert doc["resumed_from"] == str(run / "weights/last.pt") and doc["epochs_run"] == 2
+
+
+def test_run_id_in_checkpoint_uri_names_the_folder_after_the_run_identity(data8, tmp_path, caplog):
+    """ROOT/{run_id}: the same training started again (a KFP retry or resubmission) finds its own folder."""
+    root = tmp_path / "ckpt"
+    first = train(config(data8, tmp_path / "a", epochs=1, checkpoint_uri=f"{root}/{{run_id}}"))
+    assert first.exit_code == 0
+    summary = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert summary["checkpoint_uri"] == f"{root}/{first.run_id}"
+    assert (root / first.run_id / "weights" / "last.pt").is_file()
+    other = train(config(data8, tmp_path / "b", epochs=1, seed=1, checkpoint_uri=f"{root}/{{run_id}}"))
+    assert other.run_id != first.run_id and (root / other.run_id / "weights" / "last.pt").is_file()
+    with caplog.at_level(logging.INFO, logger="yolo"):
+        again = train(config(data8, tmp_path / "c", epochs=1, checkpoint_uri=f"{root}/{{run_id}}"))
+    assert again.run_id == first.run_id
+    assert "already finished" in caplog.text  # it found the first run's last.pt in the same folder

@@ -250,15 +250,6 @@ def test_dataset_rev_resolves_to_the_commit_sha(tmp_path):
         sub.resolve_dataset_rev({"dataset_source": "sample:", "dataset_rev": "main"})
 
 
-def test_resume_run_points_train_at_the_earlier_runs_checkpoints():
-    values = {"checkpoint_root": "s3://b/ckpt", "train_extra_args": "--seed 1"}
-    uri = sub.apply_resume(values, "0f3c-run")
-    assert uri == "s3://b/ckpt/0f3c-run"
-    assert values["train_extra_args"] == "--seed 1 --checkpoint-uri s3://b/ckpt/0f3c-run"  # last flag wins
-    with pytest.raises(UserError, match="needs checkpoint_root"):
-        sub.apply_resume({"checkpoint_root": ""}, "r")
-
-
 @pytest.mark.parametrize(
     ("ref", "pinned"),
     [

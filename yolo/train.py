@@ -148,7 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--index", type=Path, help="validate step's DIR/index to reuse")
     a("--data-version", help="opaque data version label recorded in outputs (a DVC md5, a git SHA)")
     a("--tensorboard", action="store_true", help="log to OUT/tensorboard (needs the tensorboard extra)")
-    a("--checkpoint-uri", help="mirror checkpoints to s3://bucket/prefix (or a folder) and resume from it")
+    a("--checkpoint-uri", help="mirror checkpoints to s3://bucket/prefix (or a folder) and resume from it; "
+                               "{run_id} in it becomes the run identity (ROOT/{run_id}: restarts resume)")
     a("--resume", nargs="?", const="", default=None, metavar="DIR|URI",
       help="continue a run: its folder, last.pt or s3:// URI (no value: --out / --checkpoint-uri)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (GPU only)")
@@ -772,6 +773,7 @@ class Trainer:
             "images_per_s": self.run_images / self.run_seconds if self.run_seconds else 0.0,
             "data_wait_share": self.run_wait / self.run_seconds if self.run_seconds else 0.0,
             "run_id": self.s.run_id,
+            "checkpoint_uri": _strip_credentials(self.cfg.checkpoint_uri) if self.cfg.checkpoint_uri else None,
             "resumed_from": self.resumed_from,
             "dataset_fingerprint": self.s.dataset_fingerprint,
             "data_version": self.cfg.data_version,

@@ -33,6 +33,7 @@ LOG = logging.getLogger(__name__)
 DEFAULT_CFG = "yolov5n.yaml"
 LAST_KEY, BEST_KEY = "weights/last.pt", "weights/best.pt"
 # Options that --resume may change; everything else comes from the checkpoint's arguments.
+RUN_ID_PLACEHOLDER = "{run_id}"  # in --checkpoint-uri: replaced by the run identity
 RESUME_OVERRIDES = ("device", "workers", "out", "checkpoint_uri", "tensorboard")
 
 
@@ -156,7 +157,8 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     if cfg.checkpoint_uri and ctx.is_main:
         from yolo.storage import open_storage
 
-        open_storage(cfg.checkpoint_uri).check_access(write=True)  # unreachable/denied: one line, exit 2
+        root = cfg.checkpoint_uri.split(RUN_ID_PLACEHOLDER)[0].rstrip("/") or cfg.checkpoint_uri
+        open_storage(root).check_access(write=True)  # unreachable/denied: one line, exit 2
 
     data, train_index, val_index, fingerprint = _load_data(cfg)
     if explicit is not None and data is not None:
@@ -174,6 +176,13 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
         "weights": identity_inputs["weights"],
         "anchors": identity_inputs["anchors"],
     })
+
+    if cfg.checkpoint_uri and RUN_ID_PLACEHOLDER in cfg.checkpoint_uri:
+        # `--checkpoint-uri ROOT/{run_id}`: the run's identity names its folder, so any restart of the same
+        # training (a KFP retry, a resubmission with the same data and parameters) finds and resumes it,
+        # and changed parameters get a folder of their own.
+        cfg = replace(cfg, checkpoint_uri=cfg.checkpoint_uri.replace(RUN_ID_PLACEHOLDER, run_id))
+        LOG.info(f"checkpoints of run {run_id}: {cfg.checkpoint_uri}")
 
     resume_state, resumed_from = None, None
     if explicit is not None:
