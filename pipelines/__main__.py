@@ -190,7 +190,7 @@ def compile_pipeline(args: argparse.Namespace) -> int:
 
 def run_parameters(args: argparse.Namespace, root: Path) -> dict:
     """The pipeline arguments for run-local, checked."""
-    from components.params import check_parameters
+    from pipelines.submit import check_values
 
     params = {
         "dataset_source": args.dataset_source,
@@ -210,21 +210,7 @@ def run_parameters(args: argparse.Namespace, root: Path) -> dict:
         "model_name": args.model_name,
         "train_extra_args": args.train_extra_args,
     }
-    check_parameters(
-        dataset_source=params["dataset_source"],
-        imgsz=params["imgsz"],
-        epochs=params["epochs"],
-        batch_size=params["batch_size"],
-        gpus=args.gpus,
-        min_map50=params["min_map50"],
-        max_bad_fraction=params["max_bad_fraction"],
-        model_name=params["model_name"],
-        cfg=params["cfg"],
-        weights=params["weights"],
-        checkpoint_root=params["checkpoint_root"],
-        registry_uri=params["registry_uri"],
-        workers=params["workers"],
-    )
+    check_values(params, args.gpus)  # the same checks submit runs, before anything starts
     from components.runtime import parse_source
 
     source = parse_source(params["dataset_source"])

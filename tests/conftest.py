@@ -80,3 +80,16 @@ def tiny_run(tmp_path_factory) -> Path:
                       env={"OMP_NUM_THREADS": "1"})
     assert trained.returncode == 0, trained.stderr[-3000:]
     return run
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread, restored afterwards: exact-resume comparisons need a fixed summation order."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before[0])
+    torch.use_deterministic_algorithms(before[1])

@@ -20,6 +20,7 @@ from yolo.errors import UserError
 from yolo.train import TrainConfig, train
 
 pytest_plugins = ("tests.s3_server",)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StopAt(StopRequested):
@@ -35,14 +36,6 @@ class StopAt(StopRequested):
         return self.requested
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    torch.use_deterministic_algorithms(before[1])
 
 
 @pytest.fixture(scope="module")

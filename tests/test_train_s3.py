@@ -13,6 +13,8 @@ from tests.s3_server import LoopbackS3, apply_env, closed_port, make_bucket
 from yolo.engine.preemption import StopRequested
 from yolo.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class Outage(StopRequested):
     """Never asks to stop; takes the S3 server down after epoch 0 and brings it back (same port, buckets
@@ -31,14 +33,6 @@ class Outage(StopRequested):
         return self.requested
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before[0])
-    torch.use_deterministic_algorithms(before[1])
 
 
 
