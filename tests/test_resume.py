@@ -127,7 +127,7 @@ def fake_last(run_id: str, finished: bool, epoch: int = 1) -> dict:
 
 
 def test_automatic_resume_only_for_an_unfinished_run_of_the_same_identity(tmp_path, caplog):
-    from yolo.engine.setup import _find_own_last
+    from yolo.engine.resume import find_own_last as _find_own_last
 
     caplog.set_level(logging.INFO)
     cfg = TrainConfig(out=tmp_path)

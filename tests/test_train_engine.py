@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from yolo.engine.checkpointing import CheckpointSink, capture_rng, restore_rng
+from yolo.engine.checkpointing import CheckpointSink
 from yolo.engine.ema import ModelEMA
 from yolo.engine.optim import (
     Schedule,
@@ -27,6 +27,7 @@ from yolo.engine.optim import (
 )
 from yolo.engine.preemption import EXIT_SIGINT, EXIT_SIGTERM, StopRequested
 from yolo.engine.run_identity import run_identity
+from yolo.engine.state import capture_rng, restore_rng
 
 
 @pytest.fixture(autouse=True)
@@ -259,7 +260,7 @@ def test_sink_retries_through_outage(tmp_path):
 def test_sink_without_uri_is_a_no_op(tmp_path):
     sink = CheckpointSink(None)
     sink.publish(tmp_path / "missing.pt", "weights/last.pt")
-    assert sink.fetch("weights/last.pt", tmp_path / "x") is None
+    assert not sink.enabled and sink.storage is None  # nothing to fetch from, nothing uploaded
     assert sink.close()
 
 
@@ -268,14 +269,14 @@ def test_sink_with_local_storage(tmp_path):
 
     remote = tmp_path / "remote"
     sink = CheckpointSink(str(remote), storage=open_storage(remote))
-    sink.check()
+    sink.storage.check_access(write=True)
     f = tmp_path / "run" / "weights" / "last.pt"
     f.parent.mkdir(parents=True)
     f.write_bytes(b"abc")
     sink.publish(f, "weights/last.pt")
     assert sink.flush(timeout=10)
     assert (remote / "weights" / "last.pt").read_bytes() == b"abc"
-    assert sink.fetch("weights/last.pt", tmp_path / "back.pt").read_bytes() == b"abc"
+    assert sink.storage.get("weights/last.pt", tmp_path / "back.pt").read_bytes() == b"abc"
     sink.close()
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from yolo.errors import UserError
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 PREFIX = "autoanchor: "
 MIN_LABEL_PX = 2.0  # labels smaller than this on both sides are left out of the fit (upstream)
 WARN_LABEL_PX = 3.0  # labels smaller than this on either side are worth a warning (upstream)
@@ -151,11 +151,6 @@ def fit_figures(wh: np.ndarray, anchors: np.ndarray, thr: float) -> tuple[float,
 def best_possible_recall(wh: np.ndarray, anchors: np.ndarray, thr: float = 4.0) -> float:
     """Share of labels with at least one anchor within the ratio threshold."""
     return fit_figures(wh, anchors, thr)[0]
-
-
-def anchors_above_threshold(wh: np.ndarray, anchors: np.ndarray, thr: float = 4.0) -> float:
-    """Mean number of anchors per label within the ratio threshold (upstream's anchors/target)."""
-    return fit_figures(wh, anchors, thr)[1]
 
 
 class FitnessEvaluator:
@@ -289,17 +284,17 @@ def kmean_anchors(wh0: np.ndarray, n: int, imgsz: int, thr: float = 4.0, generat
     wh0 = np.asarray(wh0, dtype=np.float64).reshape(-1, 2)
     tiny = int((wh0 < WARN_LABEL_PX).any(1).sum())
     if tiny:
-        LOGGER.warning(f"{PREFIX}WARNING: extremely small objects: {tiny} of {len(wh0)} labels are under "
+        LOG.warning(f"{PREFIX}WARNING: extremely small objects: {tiny} of {len(wh0)} labels are under "
                        f"{WARN_LABEL_PX:g} pixels in size")
     wh = wh0[(wh0 >= MIN_LABEL_PX).any(1)].astype(np.float32)
-    LOGGER.info(f"{PREFIX}running k-means for {n} anchors on {len(wh)} points...")
+    LOG.info(f"{PREFIX}running k-means for {n} anchors on {len(wh)} points...")
     found = None
     if len(wh) >= n:
         sigma = wh.std(0).astype(np.float64)
         sigma[sigma == 0] = 1.0  # identical sizes on one side: nothing to whiten
         found = kmeans(wh / sigma, n, rng)
     if found is None:
-        LOGGER.warning(f"{PREFIX}WARNING: too few distinct labels for k-means, starting from random anchors")
+        LOG.warning(f"{PREFIX}WARNING: too few distinct labels for k-means, starting from random anchors")
         k = np.sort(rng.random(n * 2)).reshape(n, 2) * imgsz
     else:
         k = found[0] * sigma
@@ -307,7 +302,7 @@ def kmean_anchors(wh0: np.ndarray, n: int, imgsz: int, thr: float = 4.0, generat
     if not len(wh) or generations <= 0:
         return k
     k, fit = evolve_anchors(k, FitnessEvaluator(wh, thr), generations, population, rng)
-    LOGGER.info(f"{PREFIX}evolved {population} x {generations} generations: fitness {fit:.4f}")
+    LOG.info(f"{PREFIX}evolved {population} x {generations} generations: fitness {fit:.4f}")
     return sort_by_area(k)
 
 
@@ -318,7 +313,7 @@ def order_levels(anchors_px: np.ndarray, strides: Sequence[float]) -> np.ndarray
     area = a.reshape(len(a), -1, 2).prod(-1).mean(-1)
     d_area, d_stride = area[-1] - area[0], float(strides[-1]) - float(strides[0])
     if d_area and np.sign(d_area) != np.sign(d_stride):
-        LOGGER.info(f"{PREFIX}reversing anchor order to follow the strides")
+        LOG.info(f"{PREFIX}reversing anchor order to follow the strides")
         return a[::-1].copy()
     return a
 
@@ -343,14 +338,14 @@ def fit_anchors(shapes_hw: np.ndarray, labels: Sequence[np.ndarray], anchors_px:
     if not len(wh):
         raise UserError("no labels to fit anchors to (every image is a background)")
     bpr, aat = fit_figures(wh, anchors_px, config.thr)
-    LOGGER.info(f"{PREFIX}{aat:.2f} anchors/target, {bpr:.4f} best possible recall (BPR) at {config.imgsz} "
+    LOG.info(f"{PREFIX}{aat:.2f} anchors/target, {bpr:.4f} best possible recall (BPR) at {config.imgsz} "
                 f"on {len(wh)} labels")
     fit = AnchorFit(config.imgsz, [float(s) for s in strides], anchors_px, bpr, bpr, aat, aat,
                     changed=False, evolved=False, labels=len(wh), config=config)
     if bpr >= config.bpr_target and not config.force:
-        LOGGER.info(f"{PREFIX}current anchors fit the dataset (BPR >= {config.bpr_target})")
+        LOG.info(f"{PREFIX}current anchors fit the dataset (BPR >= {config.bpr_target})")
         return fit
-    LOGGER.info(f"{PREFIX}{'--force: ' if bpr >= config.bpr_target else 'anchors fit poorly; '}evolving new ones")
+    LOG.info(f"{PREFIX}{'--force: ' if bpr >= config.bpr_target else 'anchors fit poorly; '}evolving new ones")
     wh0 = label_wh(shapes_hw, labels, config.imgsz)
     new = kmean_anchors(wh0, n, config.imgsz, config.thr, config.generations, config.population,
                         np.random.default_rng(kmeans_seq))
@@ -359,41 +354,50 @@ def fit_anchors(shapes_hw: np.ndarray, labels: Sequence[np.ndarray], anchors_px:
     fit.evolved = True
     if new_bpr > bpr:
         fit.anchors, fit.bpr_after, fit.aat_after, fit.changed = new, new_bpr, new_aat, True
-        LOGGER.info(f"{PREFIX}new anchors: {new_aat:.2f} anchors/target, {new_bpr:.4f} BPR")
+        LOG.info(f"{PREFIX}new anchors: {new_aat:.2f} anchors/target, {new_bpr:.4f} BPR")
     else:
-        LOGGER.info(f"{PREFIX}new anchors recall no more ({new_bpr:.4f} BPR): keeping the original anchors")
+        LOG.info(f"{PREFIX}new anchors recall no more ({new_bpr:.4f} BPR): keeping the original anchors")
     return fit
 
 
 # ------------------------------------------------------------------------------------------------ train helpers
 def load_anchors_json(path: str | os.PathLike) -> tuple[int, np.ndarray]:
     """(imgsz, anchors px (nl, na*2)) from an anchors.json; UserError naming the file on any problem."""
+    return parse_anchors_json(read_anchors_json(path), f"anchors file {path}")
+
+
+def read_anchors_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of an anchors.json (not yet checked); UserError naming the file."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"anchors file not found: {path}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"anchors file {path}, line {e.lineno}: not valid JSON: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read anchors file {path}: {e}") from None
+
+
+def parse_anchors_json(obj: Any, where: str = "anchors.json") -> tuple[int, np.ndarray]:
+    """(imgsz, anchors px (nl, na*2)) from an anchors.json document; UserError starting with `where`."""
     if not isinstance(obj, dict) or "anchors" not in obj or "imgsz" not in obj:
-        raise UserError(f"anchors file {path}: expected an object with `imgsz` and `anchors` (from the stats step)")
+        raise UserError(f"{where}: expected an object with `imgsz` and `anchors` (from the stats step)")
     imgsz, rows = obj["imgsz"], obj["anchors"]
     if isinstance(imgsz, bool) or not isinstance(imgsz, int) or imgsz <= 0:
-        raise UserError(f"anchors file {path}: `imgsz` must be a positive integer, got {imgsz!r}")
+        raise UserError(f"{where}: `imgsz` must be a positive integer, got {imgsz!r}")
     ok = (isinstance(rows, list) and rows and all(isinstance(r, list) and r and len(r) % 2 == 0
                                                   and len(r) == len(rows[0]) for r in rows)
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) for r in rows for v in r))
     if not ok:
-        raise UserError(f"anchors file {path}: `anchors` must be rows of equal, even length "
+        raise UserError(f"{where}: `anchors` must be rows of equal, even length "
                         f"[w, h, w, h, ...], one per level")
     anchors = np.asarray(rows, dtype=np.float64)
     if not np.isfinite(anchors).all() or (anchors <= 0).any():
-        raise UserError(f"anchors file {path}: anchors must be positive finite pixel sizes")
+        raise UserError(f"{where}: anchors must be positive finite pixel sizes")
     strides = obj.get("strides")
     if strides is not None and (not isinstance(strides, list) or len(strides) != len(anchors)):
-        raise UserError(f"anchors file {path}: {len(anchors)} anchor rows but strides {strides!r}")
+        raise UserError(f"{where}: {len(anchors)} anchor rows but strides {strides!r}")
     return imgsz, anchors
 
 
@@ -403,7 +407,7 @@ def anchors_for_imgsz(anchors_px: np.ndarray, from_imgsz: int, to_imgsz: int) ->
     if from_imgsz == to_imgsz:
         return anchors_px
     ratio = to_imgsz / from_imgsz
-    LOGGER.info(f"{PREFIX}anchors fitted at imgsz {from_imgsz} rescaled x{ratio:g} for imgsz {to_imgsz}")
+    LOG.info(f"{PREFIX}anchors fitted at imgsz {from_imgsz} rescaled x{ratio:g} for imgsz {to_imgsz}")
     return anchors_px * ratio
 
 
@@ -417,20 +421,12 @@ def model_anchors_px(model) -> tuple[np.ndarray, list[float]]:
 
 def set_model_anchors(model, anchors_px: np.ndarray) -> None:
     """Put pixel anchors (nl, na*2) into the model's Detect head (stride units, level order checked)."""
-    import torch
-
     anchors_px = np.asarray(anchors_px, dtype=np.float64)
     detect = model.model[-1]
     if anchors_px.shape != (detect.nl, detect.na * 2):
         raise UserError(f"anchors of shape {anchors_px.shape} do not fit the model's Detect head "
                         f"({detect.nl} levels x {detect.na} anchors)")
-    stride = detect.stride.detach().float().cpu()
-    # the order check must run in pixels, as upstream's: in stride units a level of large anchors on a
-    # coarse stride can look smaller than a level of small anchors on a fine one
-    ordered = order_levels(anchors_px, stride.tolist())
-    new = torch.tensor(ordered, dtype=torch.float32).view(detect.nl, detect.na, 2) / stride.view(-1, 1, 1)
-    with torch.no_grad():
-        detect.anchors.copy_(new.to(detect.anchors))  # in place: Detect's decode cache keys on the version
+    detect.set_anchors_px(anchors_px.tolist())  # the one writer: level order checked in pixels, in place
 
 
 def check_anchors_inline(model, index, imgsz: int, thr: float = 4.0, bpr_target: float = 0.98,

@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -30,12 +29,17 @@ import numpy as np
 import torch
 
 from yolo.boxes import box_iou, non_max_suppression, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywhn
+from yolo.data.dataset import load_data_config, load_split
 from yolo.data.image import letterbox, read_image, resize_long_side
+from yolo.data.index import dataset_fingerprint_of
 from yolo.data.rect import rect_batches
+from yolo.device import cpu_threads, select_device
 from yolo.engine.nonfinite import refuse_nonfinite_model
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_json, write_text
+from yolo.imgsz import MAX_STRIDE, require_stride_multiple
 from yolo.metrics import IOU_THRESHOLDS, ClassAP, ConfusionMatrix, ap_per_class, fitness, match_predictions
+from yolo.model import checkpoint as model_checkpoint
 
 LOG = logging.getLogger(__name__)
 SPLITS = ("val", "test", "train")
@@ -210,11 +214,8 @@ def evaluate_model(
     nc = 1 if config.single_cls else len(names)
     param = next(model.parameters())
     dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    stride = max(int(model.stride.max()), 32)
-    imgsz = math.ceil(config.imgsz / stride) * stride
-    if imgsz != config.imgsz:
-        LOG.warning(f"--imgsz {config.imgsz} is not a multiple of stride {stride}; using {imgsz}")
-        config = EvalConfig(**{**asdict(config), "imgsz": imgsz})
+    stride = max(int(model.stride.max()), MAX_STRIDE)
+    require_stride_multiple(config.imgsz, stride)  # one rule everywhere (yolo.imgsz): refused, never rounded
     micro = config.micro_batch or (4 if device.type == "cpu" else config.batch_size)
     memory_format = torch.channels_last if (config.channels_last and device.type == "cpu") else torch.contiguous_format
     image_ids = _coco_image_ids(index.files) if config.collect_predictions else {}
@@ -476,7 +477,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
-    for flag, value, low in (("--imgsz", args.imgsz, 32), ("--batch-size", args.batch_size, 1),
+    require_stride_multiple(args.imgsz, MAX_STRIDE)  # before anything is read (the model's own stride: later)
+    for flag, value, low in (("--batch-size", args.batch_size, 1),
                              ("--max-det", args.max_det, 1), ("--workers", args.workers, 0),
                              ("--micro-batch", args.micro_batch, 0)):
         if value < low:
@@ -498,16 +500,11 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
 
 def _cpu_threads_for_load() -> None:
     """Inference threads by the trainer's rule (yolo.device.cpu_threads); results do not depend on it."""
-    from yolo.device import cpu_threads
-
     torch.set_num_threads(cpu_threads(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
-    from yolo.data.dataset import load_data_config, load_split
-    from yolo.device import select_device
-
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work
     out = prepare_out_dir(cfg.out)
     for name in OUTPUTS:  # an earlier run's results must never pass for this one's (gate.json last)
@@ -522,9 +519,7 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     if len(index) == 0:
         raise UserError(f"{data.yaml_path}: split `{cfg.split}` has no usable images")
 
-    from yolo.model.checkpoint import load_model  # torch-heavy, and only once the inputs look right
-
-    model, _ = load_model(cfg.weights, device, fuse=True)
+    model, _ = model_checkpoint.load_model(cfg.weights, device, fuse=True)
     refuse_nonfinite_model(model, f"--weights {cfg.weights}")  # NaN weights score 0 and would still promote
     model_nc = int(model.detect.nc) if hasattr(model, "detect") else int(model.model[-1].nc)
     if not cfg.eval.single_cls and model_nc != data.nc:
@@ -545,8 +540,6 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     if result.nonfinite_images:
         raise UserError(f"--weights {cfg.weights}: the outputs for {result.nonfinite_images} image(s) hold NaN or "
                         f"infinite values; not scored, not promoted")
-
-    from yolo.data.index import dataset_fingerprint_of
 
     fingerprint = dataset_fingerprint_of(data, cfg.index, {cfg.split: index.fingerprint})  # = validate's
     metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)

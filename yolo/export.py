@@ -21,6 +21,7 @@ from torch import nn
 from yolo.device import select_device
 from yolo.errors import UserError
 from yolo.files import atomic_path, prepare_out_dir
+from yolo.model.checkpoint import load_model
 from yolo.predict import check_img_size
 
 LOG = logging.getLogger(__name__)
@@ -196,8 +197,6 @@ def export(cfg: ExportConfig) -> ExportResult:
     cfg.out = Path(cfg.out)
     device = select_device(cfg.device)
     _check_config(cfg, device)
-    from yolo.model.checkpoint import load_model  # heavy: imported once the cheap checks have passed
-
     model, ckpt = load_model(cfg.weights, device, fuse=True)
     model = model.float().eval()
     for p in model.parameters():

@@ -34,6 +34,14 @@ def has_credentials(uri: str) -> bool:
     return bool(_USERINFO.match(uri))
 
 
+def strip_credentials(uri: str) -> str:
+    """s3://key:secret@bucket/... → s3://bucket/... (credentials never belong in args or checkpoints)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
 class RedactFilter(logging.Filter):
     """Masks secrets in every record a handler emits (message and arguments, formatted once)."""
 

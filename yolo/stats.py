@@ -19,7 +19,7 @@ from yolo.argtypes import float_between, int_at_least
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_json
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 DEFAULT_CFG = "yolov5s.yaml"  # every P5 variant shares these anchors
 PERCENTILES = (0, 5, 25, 50, 75, 95, 100)
 BOXES_PER_IMAGE_BINS = (0, 1, 2, 3, 4, 5, 6, 11, 21, 51, 101)  # lower bounds; the last bin is open
@@ -126,7 +126,7 @@ def run_stats(config: StatsConfig) -> dict[str, Path]:
     stats = label_statistics(splits, data.names, imgsz)
     train = splits[ANCHOR_FIT_SPLIT]
     for name, s in stats["splits"].items():
-        LOGGER.info(f"stats: {name}: {s['images']} images ({s['backgrounds']} backgrounds), "
+        LOG.info(f"stats: {name}: {s['images']} images ({s['backgrounds']} backgrounds), "
                     f"{s['instances']} instances, {len(s['empty_classes'])} classes without instances")
     fit = fit_anchors(train.shapes, train.labels, anchors_px, strides, config.anchor_fit)
     anchors_json = {**fit.to_json(), "anchors_source": source}
@@ -137,7 +137,7 @@ def run_stats(config: StatsConfig) -> dict[str, Path]:
     plot_labels(boxes, data.names, paths["labels_png"], seed=config.anchor_fit.seed)
     plot_correlogram(boxes, paths["correlogram_png"])
     write_json(paths["anchors"], anchors_json)
-    LOGGER.info(f"stats: anchors ({source}) BPR {fit.bpr_before:.4f} -> {fit.bpr_after:.4f}, "
+    LOG.info(f"stats: anchors ({source}) BPR {fit.bpr_before:.4f} -> {fit.bpr_after:.4f}, "
                 f"{'changed' if fit.changed else 'unchanged'}; wrote {', '.join(p.name for p in paths.values())} "
                 f"to {out}")
     return paths

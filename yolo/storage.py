@@ -16,6 +16,7 @@ default 10), `YOLO_S3_READ_TIMEOUT` (s, default 60), `YOLO_S3_MULTIPART_THRESHOL
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -326,8 +327,6 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def _lease_lock(self):
-        import fcntl
-
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / f"{LEASE_KEY}.lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:

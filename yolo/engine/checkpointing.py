@@ -1,4 +1,8 @@
-"""Where checkpoints go: atomic local files, mirrored to `--checkpoint-uri` by a background uploader.
+"""A run's checkpoints: what last.pt and best.pt hold, written atomically, mirrored to `--checkpoint-uri`.
+
+`RunCheckpoints` builds both from the run's record (`RunSetup`): the fields they share (cfg, names,
+weights, anchors, hyp, args, lineage, identity), best.pt in fp16 with its metrics, last.pt in fp32 with
+the `train` entry the loop hands it. Before each write it checks that the run still holds its leases.
 
 Training never waits for the network. `CheckpointSink.publish(path, key)` hard-links the freshly written
 file to a private snapshot (so a later atomic replace of the local file cannot change bytes under an
@@ -6,15 +10,13 @@ upload in progress) and queues it; one worker thread uploads, at most one transf
 snapshot of the same key replaces a queued older one (newest wins). A failing store is retried with
 back-off while training goes on; `close()` waits for the final state to land.
 
-Also here: the RNG states that last.pt carries, in a form `torch.load(weights_only=True)` reads, and
-`write_checkpoint`, which turns a full disk into one line.
+Also here: `write_checkpoint`, which turns a full disk into one line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 import tempfile
 import threading
@@ -23,48 +25,65 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from yolo.errors import UserError
 from yolo.files import environment_error
-from yolo.model.checkpoint import save_checkpoint
+from yolo.model.checkpoint import checkpoint_dict, save_checkpoint
 from yolo.redact import redact
+from yolo.storage import open_storage
 
-log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------------ RNG
+LOG = logging.getLogger(__name__)
 
 
-def capture_rng() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) generator states as tensors, lists and ints."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# ------------------------------------------------------------------------------------------ the run's
 
 
-def _plain(x: Any) -> Any:
-    return x.item() if hasattr(x, "item") else x
+class RunCheckpoints:
+    """weights/last.pt and weights/best.pt of one run (rank 0 writes; other ranks only build dicts)."""
 
+    def __init__(self, setup) -> None:
+        self.setup = setup  # yolo.engine.setup.RunSetup: what the checkpoints record
+        self.weights_dir = setup.out / "weights"
+        self.sink = CheckpointSink(setup.cfg.checkpoint_uri if setup.ctx.is_main else None)
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Undo capture_rng (CUDA states only when the device count matches)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    def base(self, model: torch.nn.Module, half: bool) -> dict[str, Any]:
+        """The fields best.pt and last.pt share: cfg, names, (EMA) weights, anchors, hyp, args, lineage."""
+        s = self.setup
+        ckpt = checkpoint_dict(
+            model, half=half, imgsz=s.cfg.imgsz, hyp=s.hyp.to_dict(), args=s.cfg.to_dict(),
+            dataset_fingerprint=s.dataset_fingerprint, data_version=s.cfg.data_version, run_id=s.run_id,
+            identity=dict(s.identity_inputs),
+        )  # fmt: skip
+        ckpt["names"] = list(s.names)
+        return ckpt
+
+    def save_last(self, model: torch.nn.Module, epoch_done: int, train_entry: dict[str, Any]) -> None:
+        """last.pt: `model` (the EMA) in fp32, the last completed epoch, and the loop's `train` entry."""
+        ckpt = self.base(model, half=False)
+        ckpt["epoch"] = epoch_done  # the last completed epoch, as upstream
+        ckpt["train"] = train_entry
+        self._write("weights/last.pt", ckpt)
+
+    def save_best(self, model: torch.nn.Module, epoch: int, metrics: dict[str, float] | None) -> None:
+        """best.pt: the EMA in fp16 (anchors fp32) with the metrics that made it the best."""
+        ckpt = self.base(model, half=True)
+        ckpt["epoch"] = epoch
+        ckpt["metrics"] = metrics
+        self._write("weights/best.pt", ckpt)
+
+    def _write(self, key: str, ckpt: dict[str, Any]) -> None:
+        self.setup.check_leases()
+        path = self.setup.out / key
+        write_checkpoint(path, ckpt)
+        self.sink.publish(path, key)
+
+    def publish(self, path: Path, key: str) -> None:
+        """Mirror another file of the run folder (results.csv, train.json ...)."""
+        self.sink.publish(path, key)
+
+    def close(self, timeout: float | None) -> bool:
+        return self.sink.close(timeout=timeout)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -130,24 +149,8 @@ class CheckpointSink:
     @property
     def storage(self):
         if self._storage is None and self.uri is not None:
-            from yolo.storage import open_storage  # lazy: boto3 only when a URI is given
-
-            self._storage = open_storage(self.uri)
+            self._storage = open_storage(self.uri)  # boto3 itself is imported only for an s3:// URI
         return self._storage
-
-    def check(self) -> None:
-        """Fail fast (UserError, one line) when the store is unreachable or not writable."""
-        if self.enabled:
-            self.storage.check_access(write=True)
-
-    def exists(self, key: str) -> bool:
-        return self.enabled and self.storage.exists(key)
-
-    def fetch(self, key: str, local_path: Path) -> Path | None:
-        """Download `key` (checksum verified) to `local_path`; None when the store has no such key."""
-        if not self.enabled or not self.storage.exists(key):
-            return None
-        return self.storage.get(key, local_path)
 
     def publish(self, path: Path, key: str) -> None:
         """Queue an upload of the file now at `path` under `key`; returns at once."""
@@ -188,7 +191,7 @@ class CheckpointSink:
             self._pending.clear()
             self._cond.notify_all()
         if abandoned:
-            log.warning(redact(f"gave up uploading {', '.join(abandoned)} to {self.uri}; the local copies are complete"))
+            LOG.warning(redact(f"gave up uploading {', '.join(abandoned)} to {self.uri}; the local copies are complete"))
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         if self._stage_dir is not None:
@@ -230,7 +233,7 @@ class CheckpointSink:
             except Exception as e:  # noqa: BLE001 - any store failure: warn and retry, never kill training
                 self.failures += 1
                 reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-                log.warning(redact(f"checkpoint upload of {key} to {self.uri} failed ({reason}); "
+                LOG.warning(redact(f"checkpoint upload of {key} to {self.uri} failed ({reason}); "
                                    f"retrying in {delay:.0f}s"))
                 with self._cond:
                     if key not in self._pending:  # nothing newer arrived: retry this snapshot

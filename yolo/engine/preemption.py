@@ -18,7 +18,7 @@ import signal
 import threading
 from types import FrameType
 
-log = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 EXIT_SIGTERM = 128 + signal.SIGTERM
 EXIT_SIGINT = 128 + signal.SIGINT
@@ -54,7 +54,7 @@ class StopRequested:
             # second identical signal: give the default behaviour back (next one kills immediately)
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
         name = signal.Signals(signum).name
-        log.warning(f"{name} received: stopping after the current step and writing weights/last.pt")
+        LOG.warning(f"{name} received: stopping after the current step and writing weights/last.pt")
         self.request(signum)
 
     def __enter__(self) -> StopRequested:

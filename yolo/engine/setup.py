@@ -1,15 +1,10 @@
-"""Everything the train loop needs before its first step: device and seeds, data, model and anchors,
-the run identity and the resume decision, loss, loaders, and the checkpoint format of this run.
+"""What a run is built from, built once before the first step: device and seeds, data, model and anchors,
+the run identity, the resume decision (yolo.engine.resume), the leases, loss and loader.
 
-Resume decision (see docs/architecture.md, "Training" and "What a checkpoint may decide"):
-- `--resume [SRC]` continues SRC's last.pt (a run folder, a .pt, or an s3:// run URI; no value: --out or
-  --checkpoint-uri) with the arguments it was started with; only --epochs (extend), --device, --workers
-  and --tensorboard may change. A --data whose fingerprint differs is refused. Where the run writes
-  (--out), mirrors (--checkpoint-uri) and what it fetches (--weights) never come from the checkpoint:
-  they come from the command line (or SRC's own location), and a checkpoint that says otherwise is
-  reported in a warning, not obeyed. The model is rebuilt from last.pt itself; nothing is downloaded.
-- otherwise an unfinished last.pt with this run's identity in --out (or at --checkpoint-uri) is continued
-  automatically; a finished one or another identity starts clean, and the log says why.
+`prepare_run(cfg, ctx)` returns a `RunSetup`: a typed record, read by the loop, the checkpoints and the
+report; nothing in it changes while the run trains (the loop's state is `yolo.engine.state.TrainState`).
+The arguments are validated before anything is built (`yolo.engine.config.validate_config`), and the
+image size is checked against the model's own stride before the anchors or the loss are touched.
 """
 
 from __future__ import annotations
@@ -17,56 +12,64 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, Sampler
 
+from yolo.anchors import check_anchors_inline, read_anchors_json
+from yolo.data.dataset import SplitIndex, load_data_config, load_split
+from yolo.data.index import dataset_fingerprint_of
+from yolo.data.loader import TrainDataset, TrainLoader, create_train_loader
+from yolo.device import cpu_threads, select_device
 from yolo.engine import distributed as dist_utils
-from yolo.engine.checkpointing import write_checkpoint
+from yolo.engine import resume
+from yolo.engine.config import TrainConfig, validate_config
 from yolo.engine.distributed import DistContext
 from yolo.engine.lease import Lease
 from yolo.engine.nonfinite import refuse_nonfinite
 from yolo.engine.run_identity import file_digest, run_identity
 from yolo.errors import UserError
+from yolo.files import prepare_out_dir, write_text
+from yolo.hyp import Hyp, load_hyp
+from yolo.imgsz import MAX_STRIDE, require_stride_multiple
+from yolo.loss import YoloLoss, scale_loss_gains
+from yolo.model.cfg import load_cfg
+from yolo.model.checkpoint import load_checkpoint, model_from_checkpoint
+from yolo.model.transfer import choose_anchors, transfer_state
+from yolo.model.yolo import DetectionModel
 from yolo.redact import redact
+from yolo.storage import open_storage
 
 LOG = logging.getLogger(__name__)
 DEFAULT_CFG = "yolov5n.yaml"
-DEFAULT_OUT = "runs/train"  # TrainConfig.out's default, for a run whose --out is settled late (resume)
-LAST_KEY, BEST_KEY = "weights/last.pt", "weights/best.pt"
 RUN_ID_PLACEHOLDER = "{run_id}"  # in --checkpoint-uri: replaced by the run identity
-# Options that --resume may change; the rest of the run's arguments come from the checkpoint, except
-# PLACES (where the run writes, mirrors and fetches from), which only the command line decides.
-RESUME_OVERRIDES = ("device", "workers", "tensorboard")
-PLACES = ("out", "checkpoint_uri", "weights")
 
 
 @dataclass
 class RunSetup:
-    cfg: Any  # TrainConfig (yolo.train), after resume merging
+    """What one run is built from (after resume merging); the loop's changing state lives elsewhere."""
+
+    cfg: TrainConfig
     ctx: DistContext
     device: torch.device
     out: Path
-    hyp: Any  # yolo.hyp.Hyp, as given (loss gains unscaled)
+    hyp: Hyp  # as given (the loss holds the gains scaled to nc, nl and imgsz)
     model: torch.nn.Module
-    compute_loss: Any
+    compute_loss: YoloLoss
     names: list[str]
-    train_index: Any
-    val_index: Any
-    train_loader: DataLoader
-    train_dataset: Any
+    train_index: SplitIndex
+    val_index: SplitIndex
+    train_loader: TrainLoader
+    train_dataset: TrainDataset
     run_id: str
     dataset_fingerprint: str
-    resume_state: dict | None = None
+    identity_inputs: dict[str, Any]  # what the run identity hashed besides data, hyp and arguments
+    resume_state: dict[str, Any] | None = None  # the last.pt being continued
     resumed_from: str | None = None
-    last_maps: np.ndarray | None = None
-    identity_inputs: dict[str, Any] | None = None  # what the run identity hashed besides data, hyp, args
     leases: list[Lease] = field(default_factory=list)  # held on --out and --checkpoint-uri (rank 0)
 
     def release(self) -> None:
@@ -79,121 +82,47 @@ class RunSetup:
         for lease in self.leases:
             lease.check()
 
-    # ------------------------------------------------------------------------------------ per epoch
-    def epoch_batches(self, epoch: int, start: int = 0):
-        """The batches of `epoch` from batch `start` on (same order and augmentations as from 0)."""
-        loader = self.train_loader
-        loader.set_epoch(epoch)
-        if start == 0:
-            return loader
-        skip = _SkipSampler(loader.sampler, start * loader.batch_size)
-        return DataLoader(
-            loader.dataset, batch_size=loader.batch_size, sampler=skip, num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
-        )  # fmt: skip
-
-    def evaluate(self, model: torch.nn.Module):
-        """mAP of `model` on the val split with upstream's in-training settings (batch 2x, conf 0.001)."""
-        from yolo.evaluate import EvalConfig, evaluate_model
-
-        config = EvalConfig(
-            imgsz=self.cfg.imgsz,
-            batch_size=max(self.cfg.batch_size // self.ctx.world_size * 2, 1),
-            single_cls=self.cfg.single_cls,
-        )
-        return evaluate_model(model, self.val_index, config, self.device, self.names)
-
-    def plot_batch(self, imgs, targets, paths, path: Path) -> None:
-        try:
-            from yolo.plots.batches import plot_batch
-
-            plot_batch(imgs, targets, self.names, path, paths=paths)
-        except Exception as e:  # noqa: BLE001 - a plot must never stop training
-            LOG.warning(f"{path.name} not drawn: {e}")
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def checkpoint_base(self, model: torch.nn.Module, half: bool) -> dict[str, Any]:
-        """The fields best.pt and last.pt share: cfg, names, (EMA) weights, anchors, hyp, args, data."""
-        from yolo.model.checkpoint import checkpoint_dict
-
-        ckpt = checkpoint_dict(
-            model, half=False, imgsz=self.cfg.imgsz, hyp=self.hyp.to_dict(), args=self.cfg.to_dict(),
-            dataset_fingerprint=self.dataset_fingerprint, data_version=self.cfg.data_version, run_id=self.run_id,
-            identity=dict(self.identity_inputs or {}),
-        )  # fmt: skip
-        ckpt["names"] = list(self.names)
-        if half:  # anchors stay fp32: evolved anchors would lose digits in fp16
-            ckpt["model"] = {k: v.half() if v.is_floating_point() and not k.endswith("anchors") else v
-                             for k, v in ckpt["model"].items()}
-        return ckpt
-
-    def save_checkpoint(self, path: Path, ckpt: dict[str, Any]) -> None:
-        self.check_leases()
-        write_checkpoint(path, ckpt)
-
-
-class _SkipSampler(Sampler):
-    """A sampler's keys for the current epoch without the first `skip` (a mid-epoch resume)."""
-
-    def __init__(self, sampler: Sampler, skip: int) -> None:
-        self.keys = list(sampler)[skip:]
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
 
 # ---------------------------------------------------------------------------------------- prepare
-def prepare_run(cfg, ctx: DistContext) -> RunSetup:
-    """Resolve resume, device, data, model, identity and loaders for TrainConfig `cfg`."""
-    from yolo.device import select_device
-    from yolo.files import prepare_out_dir
-
+def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
+    """Resolve resume, device, data, model, identity, leases and loader for `cfg`."""
     if not ctx.is_main:
         logging.getLogger("yolo").setLevel(logging.WARNING)
     explicit = None
     if cfg.resume is not None:
-        if cfg.weights:
-            raise UserError("--weights cannot be combined with --resume: the run continues from its last.pt")
-        explicit = _load_explicit_resume(cfg)
-        cfg = _merge_resume_args(cfg, *explicit)
+        validate_config(cfg, ctx.world_size)  # e.g. --weights with --resume, before anything is read
+        explicit = resume.load_explicit(cfg)
+        cfg = resume.merge_args(cfg, *explicit)
     if cfg.data is None:
         raise UserError("--data is required (unless --resume names a run to continue)")
     if cfg.out is None:
-        cfg = replace(cfg, out=Path(DEFAULT_OUT))
+        cfg = replace(cfg, out=Path(resume.DEFAULT_OUT))
+    validate_config(cfg, ctx.world_size)
     if cfg.sync_bn and not ctx.enabled:
         LOG.info("--sync-bn only applies under torchrun with several processes; ignored")
 
     device = dist_utils.rank_device(ctx, select_device(cfg.device))
     if cfg.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (SyncBatchNorm does not run on the CPU)")
-    if cfg.batch_size % ctx.world_size:
-        raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
-                        f"({ctx.world_size})")
     dist_utils.init_distributed(ctx, device)
     _seed_everything(cfg.seed, cfg.deterministic, device)
     if device.type == "cpu":
         torch.set_num_threads(_cpu_threads(ctx, cfg.deterministic))
     out = prepare_out_dir(cfg.out)
     if cfg.checkpoint_uri and ctx.is_main:
-        from yolo.storage import open_storage
-
         root = cfg.checkpoint_uri.split(RUN_ID_PLACEHOLDER)[0].rstrip("/") or cfg.checkpoint_uri
         open_storage(root).check_access(write=True)  # unreachable/denied: one line, exit 2
 
     data, train_index, val_index, fingerprint = _load_data(cfg)
-    if explicit is not None and data is not None:
-        _check_same_dataset(explicit, fingerprint)
+    if explicit is not None:
+        resume.check_same_dataset(explicit, fingerprint)
     nc = 1 if cfg.single_cls else data.nc
     names = ["item"] if cfg.single_cls and len(data.names) != 1 else list(data.names)
 
-    from yolo.hyp import load_hyp
-
     hyp = load_hyp(cfg.hyp)
     if explicit is not None:
-        model, identity_inputs = _model_to_resume(explicit[0], nc)
+        model, identity_inputs = resume.model_to_resume(explicit[0], nc)
+        require_stride_multiple(cfg.imgsz, max(int(model.stride.max()), MAX_STRIDE))
     else:
         model, identity_inputs = _build_model(cfg, nc, hyp, train_index)
     model.names = names
@@ -212,22 +141,38 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
 
     leases = _take_leases(cfg, ctx, out, run_id)
     try:
-        setup = _prepare_rest(cfg, ctx, device, out, hyp, model, identity_inputs, names, nc, run_id,
-                              train_index, val_index, fingerprint, explicit)
+        found = _resume_decision(cfg, ctx, out, run_id, explicit)
+        model = _freeze(model, cfg.freeze)
+        model = model.to(device).to(memory_format=torch.channels_last)
+        if ctx.enabled and cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        detect = model.model[-1]
+        loss_hyp = scale_loss_gains(hyp, nl=detect.nl, nc=nc, imgsz=cfg.imgsz)
+        compute_loss = YoloLoss(model, loss_hyp, label_smoothing=cfg.label_smoothing)
+        loader, dataset = create_train_loader(
+            train_index, cfg.imgsz, cfg.batch_size // ctx.world_size, hyp, augment=True, rect=cfg.rect,
+            workers=cfg.workers, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, cache=cfg.cache,
+            cache_dir=out / "cache", image_weights=cfg.image_weights, quad=cfg.quad,
+            stride=max(int(model.stride.max()), MAX_STRIDE),
+        )  # fmt: skip
+        if ctx.is_main:
+            write_text(out / "args.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except BaseException:
         for lease in leases:
             lease.release()
         raise
-    setup.leases = leases
-    return setup
+    return RunSetup(
+        cfg=cfg, ctx=ctx, device=device, out=out, hyp=hyp, model=model, compute_loss=compute_loss, names=names,
+        train_index=train_index, val_index=val_index, train_loader=loader, train_dataset=dataset, run_id=run_id,
+        dataset_fingerprint=fingerprint, identity_inputs=identity_inputs,
+        resume_state=found[0] if found else None, resumed_from=found[1] if found else None, leases=leases,
+    )  # fmt: skip
 
 
-def _take_leases(cfg, ctx: DistContext, out: Path, run_id: str) -> list[Lease]:
+def _take_leases(cfg: TrainConfig, ctx: DistContext, out: Path, run_id: str) -> list[Lease]:
     """One writer per run folder and per checkpoint URI (rank 0 writes; see yolo.engine.lease)."""
     if not ctx.is_main:
         return []
-    from yolo.storage import open_storage
-
     leases: list[Lease] = []
     roots = [open_storage(out)] + ([open_storage(cfg.checkpoint_uri)] if cfg.checkpoint_uri else [])
     try:
@@ -240,61 +185,27 @@ def _take_leases(cfg, ctx: DistContext, out: Path, run_id: str) -> list[Lease]:
     return leases
 
 
-def _prepare_rest(cfg, ctx, device, out, hyp, model, identity_inputs, names, nc, run_id, train_index,
-                  val_index, fingerprint, explicit) -> RunSetup:
+def _resume_decision(cfg: TrainConfig, ctx: DistContext, out: Path, run_id: str,
+                     explicit: resume.Found | None) -> resume.Found | None:
+    """The last.pt this run continues (explicit or this run's own unfinished one), checked; or None."""
     if ctx.is_main:
         # a train.json left by an earlier run must never pass for this one's: it is written again, last
         (out / "train.json").unlink(missing_ok=True)
-    resume_state, resumed_from = None, None
     if explicit is not None:
-        resume_state, resumed_from = explicit
-        _check_resumable(resume_state, cfg, resumed_from)
+        resume.check_resumable(explicit[0], cfg, explicit[1])
+        found = explicit
     else:
-        found = _automatic_resume(cfg, ctx, out, run_id)
-        if found is not None:
-            resume_state, resumed_from = found
-    if resume_state is not None:
-        refuse_nonfinite(resume_state, f"--resume {resumed_from}" if explicit else redact(resumed_from))
-        LOG.info(redact(f"resuming run {run_id} from {resumed_from}: epoch {resume_state['train']['epoch']}, "
-                        f"batch {resume_state['train']['iteration']}"))
-
-    model = _freeze(model, cfg.freeze)
-    model = model.to(device).to(memory_format=torch.channels_last)
-    if ctx.enabled and cfg.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-    from yolo.loss import YoloLoss, scale_loss_gains
-
-    detect = model.model[-1]
-    loss_hyp = scale_loss_gains(hyp, nl=detect.nl, nc=nc, imgsz=cfg.imgsz)
-    compute_loss = YoloLoss(model, loss_hyp, label_smoothing=cfg.label_smoothing)
-
-    from yolo.data.loader import create_train_loader
-
-    stride = max(int(model.stride.max()), 32)
-    if cfg.imgsz % stride:
-        raise UserError(f"--imgsz {cfg.imgsz} must be a multiple of the model's max stride {stride}")
-    loader, dataset = create_train_loader(
-        train_index, cfg.imgsz, cfg.batch_size // ctx.world_size, hyp, augment=True, rect=cfg.rect,
-        workers=cfg.workers, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, cache=cfg.cache,
-        cache_dir=out / "cache", image_weights=cfg.image_weights, quad=cfg.quad, stride=stride,
-    )  # fmt: skip
-    if ctx.is_main:
-        from yolo.files import write_text
-
-        write_text(out / "args.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return RunSetup(
-        cfg=cfg, ctx=ctx, device=device, out=out, hyp=hyp, model=model, compute_loss=compute_loss, names=names,
-        train_index=train_index, val_index=val_index, train_loader=loader, train_dataset=dataset, run_id=run_id,
-        dataset_fingerprint=fingerprint, resume_state=resume_state, resumed_from=resumed_from,
-        identity_inputs=identity_inputs,
-    )  # fmt: skip
+        found = resume.automatic(cfg, ctx, out, run_id)
+    if found is not None:
+        ckpt, source = found
+        refuse_nonfinite(ckpt, f"--resume {source}" if explicit else redact(source))
+        LOG.info(redact(f"resuming run {run_id} from {source}: epoch {ckpt['train']['epoch']}, "
+                        f"batch {ckpt['train']['iteration']}"))
+    return found
 
 
 def _cpu_threads(ctx: DistContext, deterministic: bool) -> int:
     """The cores this process may use (shared between local ranks), by yolo.device.cpu_threads' rule."""
-    from yolo.device import cpu_threads
-
     threads = dist_utils.cpu_threads_per_rank(ctx)
     return cpu_threads(threads, threads * max(1, ctx.local_world_size), adapt_to_load=not deterministic)
 
@@ -312,10 +223,7 @@ def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> No
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
 
 
-def _load_data(cfg):
-    from yolo.data.dataset import load_data_config, load_split
-    from yolo.data.index import dataset_fingerprint_of
-
+def _load_data(cfg: TrainConfig):
     data = load_data_config(cfg.data)
     for split in ("train", "val"):
         if split not in data.splits:
@@ -331,39 +239,15 @@ def _load_data(cfg):
     return data, train_index, val_index, fingerprint
 
 
-# ---------------------------------------------------------------------------------------- model
-def _model_to_resume(ckpt: dict[str, Any], nc: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """--resume: the model rebuilt from last.pt's own cfg and weights (nothing read or fetched from the
-    places its arguments name). The identity inputs are the ones the run recorded; a last.pt written
-    before they were recorded gets its cfg and the recorded weights/anchors names as labels."""
-    from yolo.model.checkpoint import model_from_checkpoint
-
-    if not isinstance(ckpt.get("cfg"), dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError("--resume: that last.pt holds no model cfg and weights to continue from")
-    model = model_from_checkpoint(ckpt, nc=nc)
-    recorded = ckpt.get("identity") if isinstance(ckpt.get("identity"), dict) else {}
-    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    identity = {
-        "cfg": recorded.get("cfg") if isinstance(recorded.get("cfg"), dict) else dict(model.yaml),
-        "weights": recorded.get("weights", args.get("weights")),
-        "anchors": recorded.get("anchors", args.get("anchors")),
-    }
-    return model, {k: (v if v is None or isinstance(v, dict) else str(v)) for k, v in identity.items()}
-
-
-def _build_model(cfg, nc: int, hyp, train_index) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _build_model(cfg: TrainConfig, nc: int, hyp: Hyp, train_index: SplitIndex) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model with nc from the data, weights transferred and anchors by priority:
     --anchors anchors.json > the --cfg's anchors (when --cfg is given) > the checkpoint's."""
-    from yolo.model.cfg import load_cfg
-    from yolo.model.yolo import DetectionModel
-
-    anchors_rows = None
+    model_cfg = load_cfg(cfg.cfg) if cfg.cfg else None
+    anchors_doc = read_anchors_json(cfg.anchors) if cfg.anchors is not None else None
+    choice = choose_anchors(anchors_doc, model_cfg, cfg.imgsz, where=f"anchors file {cfg.anchors}")
+    anchors_rows = choice.override
     anchors_digest = None
-    if cfg.anchors is not None:
-        from yolo.anchors import anchors_for_imgsz, load_anchors_json
-
-        fitted_imgsz, rows = load_anchors_json(cfg.anchors)
-        anchors_rows = anchors_for_imgsz(rows, fitted_imgsz, cfg.imgsz).tolist()
+    if anchors_rows is not None:
         anchors_digest = file_digest(cfg.anchors)
         LOG.info(f"anchors from {cfg.anchors}")
     elif hyp.anchors:
@@ -371,29 +255,24 @@ def _build_model(cfg, nc: int, hyp, train_index) -> tuple[torch.nn.Module, dict[
 
     weights_id = None
     if cfg.weights:
-        from yolo.model.checkpoint import load_checkpoint, model_from_checkpoint
-
         ckpt = load_checkpoint(cfg.weights)
         refuse_nonfinite(ckpt, f"--weights {cfg.weights}")
         weights_id = file_digest(cfg.weights) if Path(cfg.weights).is_file() else str(cfg.weights)
-        if cfg.cfg:
-            from yolo.model.transfer import transfer_state
-
-            model = DetectionModel(load_cfg(cfg.cfg), nc=nc, anchors=anchors_rows)
-            transfer_state(model, ckpt["model"], exclude=("anchors",))  # logs "Transferred n/N items"
+        if model_cfg is not None:
+            model = DetectionModel(model_cfg, nc=nc, anchors=anchors_rows)
+            exclude = ("anchors",) if choice.exclude_from_transfer else ()
+            transfer_state(model, ckpt["model"], exclude=exclude)  # logs "Transferred n/N items"
             LOG.info(f"weights from {cfg.weights}, architecture and anchors from "
                      f"{cfg.anchors if cfg.anchors else cfg.cfg}")
         else:
             model = model_from_checkpoint(ckpt, nc=nc, anchors=anchors_rows)
     else:
-        model = DetectionModel(load_cfg(cfg.cfg or DEFAULT_CFG), nc=nc, anchors=anchors_rows)
+        model = DetectionModel(model_cfg or load_cfg(DEFAULT_CFG), nc=nc, anchors=anchors_rows)
         if not cfg.cfg:
             LOG.info(f"no --weights or --cfg: training {DEFAULT_CFG} from scratch")
     identity_cfg = dict(model.yaml)
-
+    require_stride_multiple(cfg.imgsz, max(int(model.stride.max()), MAX_STRIDE))  # before anchors are fitted
     if cfg.autoanchor or isinstance(anchors_rows, int):
-        from yolo.anchors import check_anchors_inline
-
         check_anchors_inline(model, train_index, imgsz=cfg.imgsz, thr=hyp.anchor_t, seed=cfg.seed)
     return model, {"cfg": identity_cfg, "weights": weights_id, "anchors": anchors_digest}
 
@@ -411,200 +290,3 @@ def _freeze(model: torch.nn.Module, freeze: list[int]) -> torch.nn.Module:
     if frozen:
         LOG.info(f"froze {frozen} parameter tensors in layers {layers[0]}..{layers[-1]}")
     return model
-
-
-# ---------------------------------------------------------------------------------------- resume
-def _read_last(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which and why
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or "train" not in ckpt or "run_id" not in ckpt:
-        raise UserError(f"{path}: not a last.pt of this project (no training state); "
-                        f"use --weights {path} to start a new run from its weights")
-    return ckpt
-
-
-def _fetch_remote_last(uri: str, trust_unverified: bool, dest: Path | None = None) -> tuple[dict[str, Any], str] | None:
-    """Download and read the last.pt at a run URI (or a .pt URI); kept at `dest` when given. Its SHA-256
-    must have been recorded at upload (a rewritten object is refused) unless `trust_unverified`."""
-    from yolo.storage import open_storage
-
-    base, key = (uri.rsplit("/", 1)[0], uri.rsplit("/", 1)[1]) if uri.endswith(".pt") else (uri, LAST_KEY)
-    storage = open_storage(base)
-    if not storage.exists(key):
-        return None
-    if dest is not None:
-        return _read_last(storage.get(key, dest, require_checksum=not trust_unverified)), storage.uri_for(key)
-    with tempfile.TemporaryDirectory(prefix="yolo-resume-") as tmp:
-        local = storage.get(key, Path(tmp) / "last.pt", require_checksum=not trust_unverified)
-        return _read_last(local), storage.uri_for(key)
-
-
-def _load_explicit_resume(cfg) -> tuple[dict[str, Any], str]:
-    from yolo.storage import is_remote
-
-    source = cfg.resume or cfg.checkpoint_uri or (str(cfg.out) if cfg.out is not None else "")
-    if not source:
-        raise UserError("--resume needs a run folder, a last.pt or an s3:// URI (or --out / --checkpoint-uri)")
-    if is_remote(source):
-        found = _fetch_remote_last(source, cfg.trust_unverified)
-        if found is None:
-            raise UserError(f"--resume {source}: no {LAST_KEY} there")
-        return found
-    path = Path(source)
-    candidates = [path] if path.suffix == ".pt" else [path / LAST_KEY, path / "last.pt"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return _read_last(candidate), str(candidate)
-    raise UserError(f"--resume {source}: no last.pt found (looked for {', '.join(map(str, candidates))})")
-
-
-def _merge_resume_args(cfg, ckpt: dict[str, Any], source: str):
-    """The checkpoint's own arguments, with the few options a resume may change. PLACES come from the
-    command line: --out, else a local last.pt's own run folder, else the default; --checkpoint-uri, else
-    an s3:// SRC's own run folder; --weights not at all (the model comes from last.pt). Where the
-    checkpoint names other places, a warning says so and they are ignored."""
-    saved = dict(ckpt.get("args") or {}) if isinstance(ckpt.get("args"), dict) else {}
-    known = {f.name for f in fields(cfg)}
-    values = {k: v for k, v in saved.items() if k in known and k not in PLACES}
-    for key in ("data", "hyp", "anchors", "index"):
-        if values.get(key):
-            values[key] = Path(values[key])
-    for key in RESUME_OVERRIDES:
-        given = getattr(cfg, key)
-        if given is not None and given is not False:
-            values[key] = given
-        elif key not in values:
-            values[key] = getattr(type(cfg)(), key)
-    if cfg.data is not None:
-        values["data"] = cfg.data  # moved dataset: allowed when its fingerprint is the same (checked later)
-    if cfg.epochs_given:
-        values["epochs"] = cfg.epochs
-    elif values.get("epochs") is None:
-        values["epochs"] = type(cfg)().epochs
-    values["out"] = cfg.out if cfg.out is not None else _own_run_folder(source)
-    values["checkpoint_uri"] = cfg.checkpoint_uri or _own_run_uri(source)
-    values["weights"] = None
-    values["trust_unverified"] = cfg.trust_unverified  # a checkpoint cannot vouch for itself
-    values["resume"] = None
-    values["epochs_given"] = True
-    merged = type(cfg)(**values)
-    _report_ignored_places(saved, merged, source)
-    return merged
-
-
-def _own_run_folder(source: str) -> Path:
-    """A local last.pt continues in the run folder it lies in; a remote one in the default folder."""
-    if "://" in source:
-        return Path(DEFAULT_OUT)
-    last = Path(source)
-    return last.parent.parent if last.parent.name == "weights" else last.parent
-
-
-def _own_run_uri(source: str) -> str | None:
-    """An s3:// SRC keeps mirroring to its own run folder (s3://b/run or s3://b/run/weights/last.pt)."""
-    from yolo.storage import is_remote
-
-    if not is_remote(source):
-        return None
-    base = source.rsplit("/", 1)[0] if source.endswith(".pt") else source.rstrip("/")
-    return base[: -len("/weights")] if base.endswith("/weights") else base
-
-
-def _report_ignored_places(saved: dict[str, Any], cfg, source: str) -> None:
-    """A checkpoint may not decide where a run writes, mirrors or fetches from: say what was ignored."""
-    for key, flag in (("out", "--out"), ("checkpoint_uri", "--checkpoint-uri"), ("weights", "--weights")):
-        named = saved.get(key)
-        used = getattr(cfg, key)
-        if named in (None, "") or str(named) == str(used):
-            continue
-        shown = redact(str(named))[:200]
-        if key == "weights":
-            LOG.warning(f"--resume {redact(source)}: its arguments name weights {shown!r}; not fetched (the model "
-                        f"continues from last.pt)")
-        else:
-            LOG.warning(f"--resume {redact(source)}: its arguments name {flag} {shown!r}; ignored, this run uses "
-                        f"{redact(str(used)) if used else 'none'} (only the command line decides {flag})")
-
-
-def _check_same_dataset(explicit: tuple[dict[str, Any], str], fingerprint: str) -> None:
-    ckpt, source = explicit
-    if ckpt.get("dataset_fingerprint") not in (None, fingerprint):
-        raise UserError(
-            f"--resume {source}: that run was trained on another dataset (fingerprint "
-            f"{str(ckpt['dataset_fingerprint'])[:12]}, --data has {fingerprint[:12]}); to fine-tune from its "
-            f"weights on this data start a new run with --weights {source}"
-        )
-
-
-def _check_resumable(ckpt: dict[str, Any], cfg, source: str) -> None:
-    st = ckpt["train"]
-    done = int(st["epoch"])
-    if st.get("finished") and cfg.epochs <= done:
-        raise UserError(f"--resume {source}: the run finished ({done} epochs); pass --epochs N with N > {done} "
-                        f"to train it further")
-    if cfg.epochs < done:
-        raise UserError(f"--resume {source}: --epochs {cfg.epochs} is less than the {done} epochs already run")
-
-
-def _automatic_resume(cfg, ctx: DistContext, out: Path, run_id: str) -> tuple[dict[str, Any], str] | None:
-    """An unfinished last.pt of this very run in --out or at --checkpoint-uri, or None (and why)."""
-    decision = None
-    if ctx.is_main:
-        decision = _find_own_last(cfg, out, run_id)
-    decision = dist_utils.broadcast_object(decision, ctx)
-    if decision is None:
-        return None
-    path, origin = decision
-    if Path(path).is_file():
-        return _read_last(Path(path)), origin
-    # another node of a multi-node job: the run folder is not shared, the URI is
-    found = _fetch_remote_last(cfg.checkpoint_uri, cfg.trust_unverified) if cfg.checkpoint_uri else None
-    if found is None:
-        raise UserError(f"rank {ctx.rank}: cannot read {path} (not on this node) and no --checkpoint-uri")
-    return found
-
-
-def _find_own_last(cfg, out: Path, run_id: str) -> tuple[str, str] | None:
-    """(local path, where it came from) of this run's unfinished last.pt, or None."""
-    local = out / LAST_KEY
-    if local.is_file():
-        if _judge(_read_last_quiet(local), run_id, str(local)):
-            return str(local), str(local)
-    if cfg.checkpoint_uri:
-        # download beside the local last.pt; when it is this run's state it becomes the local last.pt
-        staged = out / "weights" / ".remote-last.pt"
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            found = _fetch_remote_last(cfg.checkpoint_uri, cfg.trust_unverified, staged)
-            if found is not None and _judge(found[0], run_id, found[1]):
-                os.replace(staged, local)
-                LOG.info(f"restored {local} from {found[1]}")
-                return str(local), found[1]
-        finally:
-            staged.unlink(missing_ok=True)
-    return None
-
-
-def _read_last_quiet(path: Path) -> dict[str, Any] | None:
-    try:
-        return _read_last(path)
-    except UserError as e:
-        LOG.info(f"not resuming: {e}")
-        return None
-
-
-def _judge(ckpt: dict[str, Any] | None, run_id: str, where: str) -> bool:
-    """True when `ckpt` is an unfinished state of run `run_id`; otherwise log why a new run starts."""
-    if ckpt is None:
-        return False
-    if ckpt.get("run_id") != run_id:
-        LOG.info(f"{where} belongs to another run ({str(ckpt.get('run_id'))[:32]!r}: different data, cfg, hyp or arguments); "
-                 f"starting a new run {run_id} (its outputs are replaced)")
-        return False
-    if ckpt["train"].get("finished"):
-        LOG.info(f"{where}: this run already finished; starting it again from scratch "
-                 f"(use --resume --epochs N to train it further)")
-        return False
-    return True

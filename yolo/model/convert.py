@@ -7,8 +7,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from yolo.engine.checkpointing import write_checkpoint
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir
+from yolo.model.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint
 
 LOG = logging.getLogger(__name__)
 
@@ -33,9 +35,6 @@ def run(args: argparse.Namespace) -> int:
 
 def convert(config: ConvertConfig) -> dict:
     """Read, rebuild (which checks weights against cfg) and write atomically; returns the written dict."""
-    from yolo.engine.checkpointing import write_checkpoint
-    from yolo.model.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint
-
     if config.out.is_dir():
         raise UserError(f"--out {config.out} is a folder; give the .pt file to write (e.g. {config.out / 'model.pt'})")
     prepare_out_dir(config.out.parent)  # missing or read-only: one line before the work

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from yolo.errors import UserError
+from yolo.anchors import anchors_for_imgsz, parse_anchors_json
 
 LOG = logging.getLogger(__name__)
 
@@ -69,27 +69,25 @@ class AnchorChoice:
     source: str  # "anchors.json", "cfg" or "checkpoint"
     exclude_from_transfer: bool  # True when the checkpoint's anchors must not overwrite these
 
+    @property
+    def override(self) -> list[list[float]] | None:
+        """Rows to build the model with; None when the cfg's or the checkpoint's own anchors stand."""
+        return self.anchors_px if self.source == "anchors.json" else None
 
-def choose_anchors(anchors_json: Mapping[str, Any] | None = None, cfg_given: Mapping[str, Any] | None = None,
-                   imgsz: int | None = None) -> AnchorChoice:
-    """The project's anchor priority: --anchors anchors.json > the --cfg's anchors > the checkpoint's.
+
+def choose_anchors(anchors_json: Any = None, cfg_given: Mapping[str, Any] | None = None, imgsz: int | None = None,
+                   where: str = "anchors.json") -> AnchorChoice:
+    """The project's anchor priority (train uses this): --anchors anchors.json > the --cfg's anchors >
+    the checkpoint's.
 
     anchors.json holds pixels at its own `imgsz`; at another training size they are rescaled by the
     ratio (and the log says so). A cfg's anchors are used as written, as upstream does.
     """
     if anchors_json is not None:
-        rows = anchors_json.get("anchors")
-        if not (isinstance(rows, list) and rows and all(isinstance(r, list) and r and len(r) % 2 == 0
-                                                         for r in rows)):
-            raise UserError("anchors.json: `anchors` must be a list of [w, h, w, h, ...] rows per level")
-        rows = [[float(v) for v in row] for row in rows]
-        at = anchors_json.get("imgsz")
-        if imgsz and at and int(at) != int(imgsz):
-            ratio = int(imgsz) / int(at)
-            rows = [[round(v * ratio, 4) for v in row] for row in rows]
-            LOG.info("anchors.json anchors were computed at imgsz %s; rescaled by %.4g for imgsz %s",
-                     at, ratio, imgsz)
-        return AnchorChoice(rows, "anchors.json", True)
+        fitted_imgsz, rows = parse_anchors_json(anchors_json, where)
+        if imgsz:
+            rows = anchors_for_imgsz(rows, fitted_imgsz, int(imgsz))
+        return AnchorChoice(rows.tolist(), "anchors.json", True)
     if cfg_given is not None:
         rows = cfg_given.get("anchors")
         return AnchorChoice(rows if isinstance(rows, list) else None, "cfg", True)
