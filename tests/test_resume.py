@@ -158,12 +158,15 @@ def test_identity_changes_with_result_changing_arguments(tiny_run, tmp_path):
     data = tiny_run.parent / "data" / "data.yaml"
     base = dict(data=data, imgsz=64, epochs=1, batch_size=8, workers=0, device="cpu", deterministic=True)
     same = prepare_run(TrainConfig(out=tmp_path / "a", **base), DistContext())
+    same.release()  # the leases a set-up takes (no training follows here)
     recorded = torch.load(tiny_run / "weights/last.pt", weights_only=True)["run_id"]
     assert same.run_id == recorded
     longer = prepare_run(TrainConfig(out=tmp_path / "b", **{**base, "epochs": 2}), DistContext())
+    longer.release()
     assert longer.run_id != recorded
     # where the run writes and how many loader workers it uses do not change the result
     elsewhere = prepare_run(TrainConfig(out=tmp_path / "c", **{**base, "workers": 2}), DistContext())
+    elsewhere.release()
     assert elsewhere.run_id == recorded
 
 
