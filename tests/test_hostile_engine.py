@@ -232,6 +232,7 @@ def test_stale_local_lease_of_a_dead_process_is_taken_over(tmp_path, caplog):
     caplog.set_level("WARNING")
     lease = Lease(store, "fedcba9876543210", str(tmp_path)).acquire()
     assert "took over the stale lease" in caplog.text
+    assert store.list() == []  # neither the lease nor its lock file is a stored file
     lease.release()
     assert store.read_lease() is None
 

@@ -327,8 +327,9 @@ class LocalStorage(Storage):
 
     @contextlib.contextmanager
     def _lease_lock(self):
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / f"{LEASE_KEY}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        lock = self.root / LOCAL_META_DIR / "lease.lock"  # hidden from list(), like the checksum sidecars
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
