@@ -305,6 +305,7 @@ def test_secrets_never_reach_a_message(tmp_path, data4, monkeypatch):
                    env={"AWS_SECRET_ACCESS_KEY": "topsecretvalue"})
     one_line_error(proc, "credentials do not belong")
     assert "topsecretvalue" not in proc.stderr and "AKIAIOSFODNN7EXAMPLE" not in proc.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything was built or written
     proc = run_cli("train", "--data", data4, "--out", tmp_path / "p", "--device", "cpu",
                    "--checkpoint-uri", "s3://bucket/runs/../../other")
     one_line_error(proc, "'..'")

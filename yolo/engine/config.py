@@ -17,6 +17,9 @@ from yolo.engine.optim import OPTIMIZERS
 from yolo.errors import UserError
 from yolo.imgsz import MAX_STRIDE, require_stride_multiple
 from yolo.redact import strip_credentials
+from yolo.storage import open_storage
+
+RUN_ID_PLACEHOLDER = "{run_id}"  # in --checkpoint-uri: replaced by the run identity
 
 
 @dataclass
@@ -136,6 +139,9 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
     """The checks that need neither data nor model, before anything is built (a bad --imgsz fails before
     anchors are rescaled or the loss is scaled; the model's own stride is checked again once built)."""
     require_stride_multiple(cfg.imgsz, MAX_STRIDE)
+    if cfg.checkpoint_uri:
+        # parsed only (no network): credentials, `..` or reserved segments are refused before any work
+        open_storage(cfg.checkpoint_uri.replace(RUN_ID_PLACEHOLDER, "0" * 16))
     if cfg.batch_size % world_size:
         raise UserError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
                         f"({world_size})")

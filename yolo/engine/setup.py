@@ -27,7 +27,7 @@ from yolo.data.loader import TrainDataset, TrainLoader, create_train_loader
 from yolo.device import cpu_threads, select_device
 from yolo.engine import distributed as dist_utils
 from yolo.engine import resume
-from yolo.engine.config import TrainConfig, validate_config
+from yolo.engine.config import RUN_ID_PLACEHOLDER, TrainConfig, validate_config
 from yolo.engine.distributed import DistContext
 from yolo.engine.lease import Lease
 from yolo.engine.nonfinite import refuse_nonfinite
@@ -46,7 +46,6 @@ from yolo.storage import open_storage
 
 LOG = logging.getLogger(__name__)
 DEFAULT_CFG = "yolov5n.yaml"
-RUN_ID_PLACEHOLDER = "{run_id}"  # in --checkpoint-uri: replaced by the run identity
 
 
 @dataclass
