@@ -21,22 +21,32 @@ import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from components.params import MODEL_NAME_PATTERN, check_train_extra_args
+from components.sources import (
+    SHA_PATTERN,
+    Source,
+    check_argument,
+    parse_source,
+    redact,
+    resolve_git_rev,
+    sample_args,
+    tool_environment,
+)
 from yolo.errors import UserError
 
+__all__ = ["Source", "parse_source", "resolve_git_rev"]  # re-exported: callers import them from here too
+
 LOGGER = logging.getLogger(__name__)
-SOURCE_SCHEMES = ("sample:", "dvc://", "s3://", "file://")
-SAMPLE_OPTIONS = ("train", "val", "imgsz", "seed")
 DATA_YAML = "data.yaml"
+COPY_IGNORED = (".git", ".dvc", "__pycache__")
+SHOWN_SKIPPED = 5  # of a long list of skipped paths, name this many in the warning
 MODEL_FILE = "best.pt"
 VERSION_PATTERN = re.compile(r"^v(\d+)$")
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -51,7 +61,7 @@ def yolo_command(step: str, args: list[str], gpus: int = 0) -> list[str]:
 def run_yolo(step: str, args: list[str], gpus: int = 0, allowed_exit_codes: tuple[int, ...] = (0,)) -> int:
     """Run one yolo step as a child process (its log streams to the pod's); raise on a failing exit."""
     argv = yolo_command(step, [str(a) for a in args], gpus)
-    LOGGER.info("running: %s", " ".join(argv))
+    LOGGER.info("running: %s", redact(" ".join(argv)))
     code = subprocess.run(argv, check=False).returncode
     if code not in allowed_exit_codes:
         raise RuntimeError(f"yolo {step} failed with exit code {code}")
@@ -85,80 +95,6 @@ def data_yaml_of(dataset_path: str | os.PathLike, metadata: dict | None = None) 
 
 
 # ------------------------------------------------------------------------------------ dataset sources
-@dataclass(frozen=True)
-class Source:
-    kind: str  # "sample" | "local" | "dvc" | "s3"
-    location: str  # sample options, a path, a repo, an s3 URI
-    path_in_repo: str = ""  # dvc only
-
-
-def parse_source(source: str) -> Source:
-    """Parse a dataset source string; UserError naming the problem for anything unknown."""
-    text = source.strip()
-    if not text:
-        raise UserError(
-            "dataset source is empty (use sample:, a path, dvc://REPO#PATH or s3://bucket/prefix)"
-        )
-    if text.startswith("sample:"):
-        options = text[len("sample:") :]
-        _sample_args(options)  # validates
-        return Source("sample", options)
-    if text.startswith("dvc://"):
-        repo, _, path = text[len("dvc://") :].partition("#")
-        if not repo or not path:
-            raise UserError(
-                f"dataset source {text!r}: expected dvc://REPO#PATH (a git URL or folder, then a path)"
-            )
-        return Source("dvc", repo, path.strip("/"))
-    if text.startswith("s3://"):
-        if not text[len("s3://") :].split("/", 1)[0]:
-            raise UserError(f"dataset source {text!r}: no bucket (expected s3://bucket/prefix)")
-        return Source("s3", text.rstrip("/"))
-    if text.startswith("file://"):
-        return Source("local", text[len("file://") :])
-    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(//)?", text)
-    if scheme and not re.match(r"^[A-Za-z]:[\\/]", text):  # not a Windows drive letter
-        raise UserError(
-            f"dataset source {text!r}: unknown scheme {scheme.group(1)!r} "
-            "(use sample:, a path, dvc://REPO#PATH or s3://bucket/prefix)"
-        )
-    return Source("local", text)
-
-
-def _sample_args(options: str) -> list[str]:
-    """`train=8,val=4` → ['--train', '8', '--val', '4'] for `yolo sample-data`."""
-    args: list[str] = []
-    for item in filter(None, (part.strip() for part in options.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or key not in SAMPLE_OPTIONS or not value.isdigit():
-            raise UserError(
-                f"sample source option {item!r}: expected NAME=INTEGER with NAME in {', '.join(SAMPLE_OPTIONS)}"
-            )
-        args += [f"--{key}", value]
-    return args
-
-
-def _git(args: list[str], cwd: str | None = None) -> str:
-    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["git failed"])[-1]
-        raise UserError(f"git {' '.join(args)}: {last}")
-    return result.stdout.strip()
-
-
-def resolve_git_rev(repo: str, rev: str) -> str:
-    """The commit SHA a rev (branch, tag, SHA; '' = HEAD) names in a local or remote git repository."""
-    rev = rev.strip() or "HEAD"
-    if SHA_PATTERN.match(rev):
-        return rev
-    if Path(repo).is_dir():
-        return _git(["rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=repo)
-    lines = _git(["ls-remote", repo, rev]).splitlines()
-    if not lines:
-        raise UserError(f"dvc repo {repo}: no ref named {rev!r}")
-    return lines[0].split()[0]
-
-
 def _tree_fingerprint(root: Path) -> str:
     from yolo.storage import open_storage
 
@@ -215,10 +151,51 @@ def _empty_target(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _copy_local(location: str, target: Path) -> None:
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def copy_dataset_tree(root: Path, target: Path) -> list[str]:
+    """Copy the regular files under `root` to `target`; returns what was skipped (relative paths).
+
+    Symlinks are followed only where they resolve inside `root` (a link to a file is copied as that file,
+    a link to a folder as that folder); one that points outside — or dangles — is skipped, so a dataset
+    cannot pull `~/.ssh/id_rsa` or anything else the importer can read into the artifact. A folder is
+    entered at most once per path from the root (links back to an ancestor are skipped: no loop), and
+    FIFOs, sockets and devices are skipped (reading one can hang or never end).
+    """
+    skipped: list[str] = []
+
+    def visit(folder: Path, copy: Path, relative: Path, ancestors: frozenset[Path]) -> None:
+        copy.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(folder.iterdir()):
+            if entry.name in COPY_IGNORED:
+                continue
+            rel = relative / entry.name
+            real = entry.resolve()
+            if entry.is_symlink() and not (real.exists() and _inside(real, root)):
+                skipped.append(f"{rel.as_posix()} (a link to outside the dataset)")
+            elif real.is_dir():
+                if real in ancestors:
+                    skipped.append(f"{rel.as_posix()} (a link back to a folder above it)")
+                else:
+                    visit(entry, copy / entry.name, rel, ancestors | {real})
+            elif real.is_file():
+                shutil.copyfile(real, copy / entry.name)
+            else:
+                skipped.append(f"{rel.as_posix()} (not a regular file)")
+
+    visit(root, target, Path(), frozenset({root}))
+    return skipped
+
+
+def _copy_local(location: str, target: Path) -> list[str]:
     root, yaml_path = _local_root(location)
     raw = yaml.safe_load(yaml_path.read_text()) or {}
-    shutil.copytree(root, target, ignore=shutil.ignore_patterns(".git", ".dvc", "__pycache__"))
+    skipped = copy_dataset_tree(root, target)
+    if skipped:
+        shown = ", ".join(skipped[:SHOWN_SKIPPED]) + (" ..." if len(skipped) > SHOWN_SKIPPED else "")
+        LOGGER.warning("dataset source %s: skipped %d path(s): %s", location, len(skipped), shown)
     # The copy's data.yaml points at the copy; split entries must be relative to (or inside) the root.
     for split in ("train", "val", "test"):
         entries = raw.get(split)
@@ -239,6 +216,7 @@ def _copy_local(location: str, target: Path) -> None:
         raw[split] = fixed if isinstance(entries, list) else fixed[0]
     raw["path"] = "."
     (target / DATA_YAML).write_text(yaml.safe_dump(raw, sort_keys=False))
+    return skipped
 
 
 def _download_s3(uri: str, target: Path) -> int:
@@ -246,6 +224,14 @@ def _download_s3(uri: str, target: Path) -> int:
 
     storage = open_storage(uri)
     keys = storage.list()
+    for key in keys:  # each becomes a path under target: nothing may climb out of it
+        parts = key.split("/")
+        if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+            raise UserError(
+                f"dataset source {redact(uri)}: object key {key!r} is not a plain relative path "
+                "(empty, '.' or '..' segments); refusing to import it"
+            )
+        check_argument(f"dataset source {redact(uri)}: object key", key)
     target.mkdir(parents=True)
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda key: storage.get(key, target / key), keys))
@@ -262,11 +248,13 @@ def import_data(source: str, version: str, dataset) -> dict[str, Any]:
     parsed = parse_source(source)
     target = Path(dataset.path)
     _empty_target(target)
-    metadata: dict[str, Any] = {"source": source, "version": version, "data_yaml": DATA_YAML}
+    metadata: dict[str, Any] = {"source": redact(source), "version": version, "data_yaml": DATA_YAML}
     if parsed.kind == "sample":
-        run_yolo("sample-data", ["--out", target, *_sample_args(parsed.location)])
+        run_yolo("sample-data", ["--out", target, *sample_args(parsed.location)])
     elif parsed.kind == "local":
-        _copy_local(parsed.location, target)
+        skipped = _copy_local(parsed.location, target)
+        if skipped:
+            metadata["skipped"] = len(skipped)
     elif parsed.kind == "s3":
         metadata["objects"] = _download_s3(parsed.location, target)
     elif parsed.kind == "dvc":
@@ -276,19 +264,13 @@ def import_data(source: str, version: str, dataset) -> dict[str, Any]:
             )
         commit = version
         metadata.update(commit=commit, path=parsed.path_in_repo)
-        argv = [
-            _dvc_executable(),
-            "get",
-            parsed.location,
-            parsed.path_in_repo,
-            "--rev",
-            commit,
-            "-o",
-            str(target),
-        ]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        # The repository and path come after `--`: never options, whatever they hold (parse_source checked).
+        argv = [_dvc_executable(), "get", "--rev", commit, "-o", str(target), "--"]
+        argv += [parsed.location, parsed.path_in_repo]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, env=tool_environment())
         if result.returncode != 0:
-            raise RuntimeError(f"dvc get failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+            detail = redact(result.stderr.strip()[-2000:])
+            raise RuntimeError(f"dvc get failed ({result.returncode}): {detail}")
     yaml_path = data_yaml_of(target)
     if not yaml_path.is_file():
         candidates = sorted(target.glob("*.yaml"))
@@ -420,10 +402,7 @@ def train(
     uri = checkpoint_uri(checkpoint_root)
     if uri:
         args += ["--checkpoint-uri", uri]
-    if extra_args.strip():
-        import shlex
-
-        args += shlex.split(extra_args)
+    args += check_train_extra_args(extra_args)  # never one of the flags set above
     run_yolo("train", args, gpus=gpus)
     summary = _read_json(run_dir / "train.json")
     target = Path(model.path)

@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from components.sources import redact
 from yolo.errors import UserError
 from yolo.files import write_text
 
@@ -211,7 +212,7 @@ def run_parameters(args: argparse.Namespace, root: Path) -> dict:
         "train_extra_args": args.train_extra_args,
     }
     check_values(params, args.gpus)  # the same checks submit runs, before anything starts
-    from components.runtime import parse_source
+    from components.sources import parse_source
 
     source = parse_source(params["dataset_source"])
     if source.kind == "local" and not Path(source.location).exists():  # here (unlike a pod) we can see it
@@ -246,7 +247,7 @@ def run_local(args: argparse.Namespace) -> int:
         run = pipeline(**params)
     except RuntimeError as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__]
-        print(f"{PROG} run-local: {reason[0]} (artifacts and logs under {root})", file=sys.stderr)
+        print(f"{PROG} run-local: {redact(reason[0])} (artifacts and logs under {root})", file=sys.stderr)
         return EXIT_PIPELINE_FAILED
     report = summarise(run.outputs, params)
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{e.name} is not installed: pip install -e '.[pipeline]'") from None
             raise
     except UserError as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

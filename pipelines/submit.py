@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -29,9 +30,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from components.sources import check_argument, redact
 from yolo.errors import UserError, did_you_mean
 
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
@@ -145,6 +148,7 @@ class SubmitRequest:
     parameters: dict[str, Any] = field(default_factory=dict)  # typed pipeline parameters
     raw_parameters: dict[str, str] = field(default_factory=dict)  # --param name=value, typed by the spec
     wait: bool = False
+    insecure: bool = False  # allow the token over plain http to a host other than this machine
     wait_timeout: float = 3 * 24 * 3600.0
     poll_interval: float = 30.0
     connect_timeout: float = 5.0
@@ -216,10 +220,36 @@ def effective_image(image: str | None) -> str:
 
 
 # -------------------------------------------------------------------------------------------- host
+def _is_loopback(hostname: str) -> bool:
+    if hostname.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token_transport(host: str, token: str | None, insecure: bool) -> str | None:
+    """Refuse to send a bearer token over plain http to another machine (anyone on the path could read
+    it), unless --insecure; returns the warning to print then. Loopback (a kubectl port-forward) is fine:
+    the token never leaves this machine."""
+    parts = urlsplit(host)
+    if not token or parts.scheme.lower() != "http" or _is_loopback(parts.hostname or ""):
+        return None
+    if not insecure:
+        raise UserError(
+            f"--host {redact(host)}: refusing to send the bearer token over plain http "
+            "(use https://, a port-forward to localhost, or --insecure)"
+        )
+    return f"warning: sending the bearer token over plain http to {redact(host)} (--insecure)"
+
+
 def check_host(host: str, token: str | None, timeout: float) -> dict[str, Any]:
     """GET HOST/apis/v2beta1/healthz once with a short timeout; UserError (one line) when it fails."""
     if not re.match(r"^https?://[^/\s]+", host):
-        raise UserError(f"--host {host!r}: expected http://HOST[:PORT][/PATH] or https://...")
+        raise UserError(f"--host {redact(host)!r}: expected http://HOST[:PORT][/PATH] or https://...")
+    if "@" in urlsplit(host).netloc:
+        raise UserError(f"--host {redact(host)!r}: no credentials in the URL (pass the token with --token)")
     url = host.rstrip("/") + HEALTHZ_PATH
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if token:
@@ -255,6 +285,7 @@ def check_host(host: str, token: str | None, timeout: float) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- compile
 def _cluster_args(cluster: dict[str, Any]) -> list[str]:
+    """The `compile` flags for the cluster options; each value checked to be a value, not an option."""
     args: list[str] = []
     for key, value in cluster.items():
         if value is None:
@@ -262,12 +293,12 @@ def _cluster_args(cluster: dict[str, Any]) -> list[str]:
         if key == "node_selector":
             items = value.items() if isinstance(value, dict) else (str(v).split("=", 1) for v in value)
             for k, v in items:
-                args += ["--node-selector", f"{k}={v}"]
+                args += ["--node-selector", check_argument("cluster node_selector", f"{k}={v}")]
         elif key == "tolerations":
             for t in [value] if isinstance(value, str) else value:
-                args += ["--toleration", str(t)]
+                args += ["--toleration", check_argument("cluster toleration", str(t))]
         else:
-            args += [flag(key), str(value)]
+            args += [flag(key), check_argument(f"cluster {key}", str(value))]
     return args
 
 
@@ -346,7 +377,7 @@ def merge_parameters(spec: dict[str, dict[str, Any]], request: SubmitRequest) ->
 
 def resolve_dataset_rev(values: dict[str, Any]) -> str | None:
     """For a dvc:// source, replace the rev (branch, tag, '' = HEAD) by its commit SHA; returns the note."""
-    from components.runtime import parse_source, resolve_git_rev
+    from components.sources import parse_source, resolve_git_rev
 
     source = parse_source(str(values.get("dataset_source", "")))
     rev = str(values.get("dataset_rev") or "")
@@ -356,7 +387,7 @@ def resolve_dataset_rev(values: dict[str, Any]) -> str | None:
         return None
     sha = resolve_git_rev(source.location, rev)
     values["dataset_rev"] = sha
-    return f"dataset rev {rev or 'HEAD'!r} of {source.location} → {sha}"
+    return f"dataset rev {rev or 'HEAD'!r} of {redact(source.location)} → {sha}"
 
 
 def check_values(values: dict[str, Any], gpus: int) -> None:
@@ -376,6 +407,7 @@ def check_values(values: dict[str, Any], gpus: int) -> None:
         checkpoint_root=values["checkpoint_root"],
         registry_uri=values["registry_uri"],
         workers=values["workers"],
+        train_extra_args=values["train_extra_args"],
     )
 
 
@@ -398,12 +430,15 @@ def _api_error(e: Exception, host: str, token: str | None) -> UserError:
 
 
 def _run_url(host: str, run_id: str) -> str:
-    return f"{(os.environ.get(UI_HOST_ENV) or host).rstrip('/')}/#/runs/details/{run_id}"
+    return redact(f"{(os.environ.get(UI_HOST_ENV) or host).rstrip('/')}/#/runs/details/{run_id}")
 
 
 def submit(request: SubmitRequest, log=print) -> SubmitResult:
     """Check the host, compile for the image, check and type the parameters, create the run."""
     token = read_token(request.token)
+    warning = check_token_transport(request.host, token, request.insecure)
+    if warning:
+        print(warning, file=sys.stderr)
     image = effective_image(request.image)
     split_image(image)
     health = check_host(request.host, token, request.connect_timeout)
@@ -491,6 +526,11 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--image", help="image of every step, pinned: REGISTRY/NAME:TAG or @sha256:DIGEST")
     p.add_argument("--run-name", help="display name of the run")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow sending the token over plain http:// to a host other than localhost",
+    )
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds for the healthz check (5)")
     p.add_argument(
         "--wait", action="store_true", help="wait for the run to finish; exit 0 only if it succeeded"
@@ -556,6 +596,7 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         parameters=parameters,
         raw_parameters=dict(args.param),
         wait=args.wait,
+        insecure=args.insecure,
         wait_timeout=args.wait_timeout,
         poll_interval=args.poll_interval,
         connect_timeout=args.connect_timeout,
