@@ -16,7 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from components.sources import redact
+from components.params import NAMES, PARAMETERS, check_gpus, check_parameters
+from components.sources import parse_source, redact
 from yolo.errors import UserError
 from yolo.files import write_text
 
@@ -65,30 +66,38 @@ def _add_cluster_arguments(p: argparse.ArgumentParser, default_gpus: int) -> Non
     )
 
 
+# run-local's defaults where they differ from the pipeline's: tiny, seconds on a laptop CPU. The checkpoint
+# root and the registry default to folders under --pipeline-root.
+RUN_LOCAL_DEFAULTS = {
+    "dataset_source": "sample:train=32,val=16,imgsz=128",
+    "epochs": 1,
+    "imgsz": 128,
+    "batch_size": 8,
+    "workers": 0,
+    "model_name": "yolov5n-sample",
+    "checkpoint_root": None,
+    "registry_uri": None,
+}
+ROOT_DEFAULTS = {"checkpoint_root": "checkpoints", "registry_uri": "registry"}  # under --pipeline-root
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Pipeline parameters with run-local's tiny defaults (seconds on a laptop CPU)."""
-    p.add_argument(
-        "--dataset-source",
-        default="sample:train=32,val=16,imgsz=128",
-        help="sample:[train=N,val=N,imgsz=N,seed=N] | PATH | dvc://REPO#PATH | s3://bucket/prefix",
-    )
-    p.add_argument("--dataset-rev", default="", help="git rev for a dvc:// source (resolved to a commit SHA)")
-    p.add_argument("--cfg", default="yolov5n.yaml")
-    p.add_argument("--weights", default="")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--imgsz", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--min-map50", type=float, default=0.0)
-    p.add_argument("--max-bad-fraction", type=float, default=0.05)
-    p.add_argument("--model-name", default="yolov5n-sample")
-    p.add_argument("--registry", help="model registry: a folder or s3:// (default PIPELINE_ROOT/registry)")
-    p.add_argument(
-        "--checkpoint-root", help="checkpoint mirror: a folder or s3:// (default PIPELINE_ROOT/checkpoints)"
-    )
-    p.add_argument(
-        "--train-extra-args", default="", help="more `yolo train` flags, e.g. '--seed 1 --deterministic'"
-    )
+    """The pipeline parameters (components.params.PARAMETERS) with run-local's defaults."""
+    for parameter in PARAMETERS:
+        names = [parameter.flag]
+        if parameter.name == "registry_uri":
+            names.append("--registry")  # run-local's first spelling, kept
+        default = RUN_LOCAL_DEFAULTS.get(parameter.name, parameter.default)
+        shown = (
+            f"PIPELINE_ROOT/{ROOT_DEFAULTS[parameter.name]}" if parameter.name in ROOT_DEFAULTS else default
+        )
+        p.add_argument(
+            *names,
+            dest=parameter.name,
+            type=parameter.type,
+            default=default,
+            help=f"{parameter.help} (default: {shown})",
+        )
 
 
 def build_parser() -> OneLineParser:
@@ -159,8 +168,6 @@ def _set_image(image: str | None) -> None:
 
 
 def compile_pipeline(args: argparse.Namespace) -> int:
-    from components.params import check_gpus
-
     check_gpus(args.gpus)
     if args.train_retries < 0:
         raise UserError(f"--train-retries {args.train_retries}: must be >= 0")
@@ -191,29 +198,11 @@ def compile_pipeline(args: argparse.Namespace) -> int:
 
 def run_parameters(args: argparse.Namespace, root: Path) -> dict:
     """The pipeline arguments for run-local, checked."""
-    from pipelines.submit import check_values
-
-    params = {
-        "dataset_source": args.dataset_source,
-        "dataset_rev": args.dataset_rev,
-        "cfg": args.cfg,
-        "weights": args.weights,
-        "epochs": args.epochs,
-        "imgsz": args.imgsz,
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "checkpoint_root": args.checkpoint_root
-        if args.checkpoint_root is not None
-        else str(root / "checkpoints"),
-        "registry_uri": args.registry if args.registry is not None else str(root / "registry"),
-        "min_map50": args.min_map50,
-        "max_bad_fraction": args.max_bad_fraction,
-        "model_name": args.model_name,
-        "train_extra_args": args.train_extra_args,
-    }
-    check_values(params, args.gpus)  # the same checks submit runs, before anything starts
-    from components.sources import parse_source
-
+    params = {name: getattr(args, name) for name in NAMES}
+    for name, folder in ROOT_DEFAULTS.items():
+        if params[name] is None:
+            params[name] = str(root / folder)
+    check_parameters(gpus=args.gpus, **params)  # the same checks submit runs, before anything starts
     source = parse_source(params["dataset_source"])
     if source.kind == "local" and not Path(source.location).exists():  # here (unlike a pod) we can see it
         raise UserError(f"dataset source {source.location}: no such folder or data.yaml")

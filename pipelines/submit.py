@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from components.params import PARAMETERS, check_parameters
 from components.sources import check_argument, redact
 from yolo.errors import UserError, did_you_mean
 
@@ -44,23 +45,8 @@ DEFAULT_EXPERIMENT = "yolo-pipeline"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `pipelines` package (for the compile child)
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED")
 
-# The pipeline function's parameters, as flags spelled like the CLI's (tests check they match the spec).
-PIPELINE_FLAGS: tuple[tuple[str, type], ...] = (
-    ("dataset_source", str),
-    ("dataset_rev", str),
-    ("cfg", str),
-    ("weights", str),
-    ("epochs", int),
-    ("imgsz", int),
-    ("batch_size", int),
-    ("workers", int),
-    ("checkpoint_root", str),
-    ("registry_uri", str),
-    ("min_map50", float),
-    ("max_bad_fraction", float),
-    ("model_name", str),
-    ("train_extra_args", str),
-)
+# The pipeline function's parameters, as flags spelled like the CLI's (from the one schema, components.params).
+PIPELINE_FLAGS: tuple[tuple[str, type], ...] = tuple((p.name, p.type) for p in PARAMETERS)
 # Compile-time options (the pod shape): passed through to `python -m pipelines compile` unchanged.
 CLUSTER_KEYS = (
     "gpus",
@@ -391,24 +377,7 @@ def resolve_dataset_rev(values: dict[str, Any]) -> str | None:
 
 
 def check_values(values: dict[str, Any], gpus: int) -> None:
-    from components.params import check_parameters
-
-    check_parameters(
-        dataset_source=values["dataset_source"],
-        imgsz=values["imgsz"],
-        epochs=values["epochs"],
-        batch_size=values["batch_size"],
-        gpus=gpus,
-        min_map50=values["min_map50"],
-        max_bad_fraction=values["max_bad_fraction"],
-        model_name=values["model_name"],
-        cfg=values["cfg"],
-        weights=values["weights"],
-        checkpoint_root=values["checkpoint_root"],
-        registry_uri=values["registry_uri"],
-        workers=values["workers"],
-        train_extra_args=values["train_extra_args"],
-    )
+    check_parameters(gpus=gpus, **values)
 
 
 # ------------------------------------------------------------------------------------------ submit
@@ -552,8 +521,14 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-memory")
     g.add_argument("--shm-size")
     r = p.add_argument_group("pipeline parameters")
-    for name, kind in PIPELINE_FLAGS:
-        r.add_argument(flag(name), dest=name, type=kind, metavar=kind.__name__.upper())
+    for parameter in PARAMETERS:
+        r.add_argument(
+            parameter.flag,
+            dest=parameter.name,
+            type=parameter.type,
+            metavar=parameter.type.__name__.upper(),
+            help=f"{parameter.help} (pipeline default: {parameter.default!r})",
+        )
     r.add_argument(
         "--param",
         action="append",

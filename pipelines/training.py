@@ -15,7 +15,7 @@ from kfp.dsl import Artifact, Metrics, Model
 from components import pipeline_image
 from components.evaluate import evaluate
 from components.import_data import import_data, resolve_dataset_version
-from components.params import check_gpus
+from components.params import NAMES, check_gpus
 from components.promote import promote
 from components.stats import stats
 from components.train import train
@@ -128,22 +128,16 @@ def build_pipeline(options: ClusterOptions | None = None):
         model_name: str = "yolov5",
         train_extra_args: str = "",
     ) -> PipelineOutputs:
+        # The parameters above, as pipeline channels (locals() also holds `options`, a closure variable).
+        given = dict(locals())
         run_key = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
+        # The first step checks every parameter (so a run started from the UI with bad values stops here).
         resolve = resolve_dataset_version(
             source=dataset_source,
             rev=dataset_rev,
-            imgsz=imgsz,
-            epochs=epochs,
-            batch_size=batch_size,
             gpus=options.gpus,
-            min_map50=min_map50,
-            max_bad_fraction=max_bad_fraction,
-            model_name=model_name,
-            cfg=cfg,
-            weights=weights,
-            checkpoint_root=checkpoint_root,
-            registry_uri=registry_uri,
+            **{name: given[name] for name in NAMES if name not in ("dataset_source", "dataset_rev")},
         )
         resolve.set_display_name("resolve dataset version").set_caching_options(False)
         _with_s3(resolve, options)
