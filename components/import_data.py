@@ -36,8 +36,8 @@ def resolve_dataset_version(
     """
     others = dict(locals())  # first statement: exactly the parameters above
     del others["source"], others["rev"]
+    from components.datasets import resolve_version
     from components.params import check_parameters
-    from components.runtime import resolve_version
 
     check_parameters(dataset_source=source, dataset_rev=rev, **others)
     return resolve_version(source, rev)
@@ -46,6 +46,6 @@ def resolve_dataset_version(
 @dsl.component(base_image=pipeline_image(), install_kfp_package=False)
 def import_data(source: str, version: str, dataset: Output[Dataset]):
     """Copy/download/generate the dataset into the artifact; metadata records source and version."""
-    from components.runtime import import_data as materialise
+    from components.datasets import import_data as materialise
 
     materialise(source, version, dataset)

@@ -26,6 +26,9 @@ from typing import Any
 
 import yaml
 
+from components import pipeline_image
+from components.params import check_gpus
+from components.sources import parse_source, resolve_git_rev
 from yolo.errors import UserError
 from yolo.files import write_text
 
@@ -42,7 +45,7 @@ RESERVED_TRAIN_FLAGS = ("--out", "--device", "--checkpoint-uri", "--resume", "--
 # The init container's import: the same code as the pipeline's import_data step, into an emptyDir.
 IMPORT_SNIPPET = (
     "import shutil, sys, types\n"
-    "from components.runtime import import_data\n"
+    "from components.datasets import import_data\n"
     "root = sys.argv[3]\n"
     "meta = import_data(sys.argv[1], sys.argv[2], types.SimpleNamespace(path=root, metadata={}))\n"
     "if meta['data_yaml'] != 'data.yaml':\n"
@@ -94,8 +97,6 @@ def _flag_value(args: list[str], name: str) -> str | None:
 
 def check_options(o: JobOptions) -> None:
     """UserError (one line) for a job that could not run as asked."""
-    from components.params import check_gpus
-
     check_gpus(o.gpus)
     if o.nodes < 1:
         raise UserError(f"--nodes {o.nodes}: must be >= 1")
@@ -310,15 +311,11 @@ def add_parser(sub) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> JobOptions:
-    from components import pipeline_image
-
     train_args = list(args.train_args)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
     version = ""
     if args.dataset_source:
-        from components.runtime import parse_source, resolve_git_rev
-
         source = parse_source(args.dataset_source)
         if source.kind == "dvc":
             version = resolve_git_rev(source.location, args.dataset_rev)

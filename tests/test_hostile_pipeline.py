@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import runtime
+from components import datasets, runtime, sources
 from components.params import PIPELINE_TRAIN_FLAGS, check_parameters, check_train_extra_args
 from components.sources import redact, resolve_git_rev
 from pipelines import retrain
@@ -111,9 +111,9 @@ def test_component_refuses_hostile_dvc_repositories(tmp_path, monkeypatch, repos
         check_parameters(dataset_source=source, imgsz=64, epochs=1, batch_size=1)
     assert "\n" not in str(refused.value)
     with pytest.raises(UserError):
-        runtime.resolve_version(source, "")
+        datasets.resolve_version(source, "")
     with pytest.raises(UserError):
-        runtime.import_data(source, "a" * 40, FakeArtifact(tmp_path / "dataset"))
+        datasets.import_data(source, "a" * 40, FakeArtifact(tmp_path / "dataset"))
     assert not marker.exists() and not (tmp_path / "dataset").exists()
 
 
@@ -128,7 +128,7 @@ def test_hostile_revs_and_paths_are_refused(tmp_path, rev):
         resolve_git_rev(str(repo), rev.format(marker=marker))
     for path in ("--help", "data/../../etc"):
         with pytest.raises(UserError, match="must not"):
-            runtime.parse_source(f"dvc://{repo}#{path}")
+            sources.parse_source(f"dvc://{repo}#{path}")
     assert not marker.exists()
     assert resolve_git_rev(str(repo), "main") == _git(repo, "rev-parse", "main")  # a plain rev still works
 
@@ -224,10 +224,10 @@ def _dataset_with_links(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_local_import_copies_only_what_lies_inside_the_dataset(tmp_path, caplog):
     root, private = _dataset_with_links(tmp_path)
-    version = runtime.resolve_version(str(root))  # terminates: no loop, the FIFO is not read
+    version = datasets.resolve_version(str(root))  # terminates: no loop, the FIFO is not read
     artifact = FakeArtifact(tmp_path / "artifact")
-    with caplog.at_level("WARNING", logger="components.runtime"):
-        meta = runtime.import_data(str(root), version, artifact)
+    with caplog.at_level("WARNING", logger="components.datasets"):
+        meta = datasets.import_data(str(root), version, artifact)
     copied = Path(artifact.path)
     files = sorted(p.relative_to(copied).as_posix() for p in copied.rglob("*") if p.is_file())
     assert files == ["data.yaml", "images/train/a.jpg", "images/train/b.jpg", "labels/train/a.txt"]
@@ -252,7 +252,7 @@ def test_s3_keys_that_climb_out_are_one_line(s3_env, s3_bucket, tmp_path):
     uri = f"s3://{s3_bucket}/datasets/evil"
     target = tmp_path / "work" / "dataset"
     with pytest.raises(UserError, match=r"object key '\.\./\.\./escaped\.txt' is not a plain relative path"):
-        runtime.import_data(uri, "s3-x", FakeArtifact(target))
+        datasets.import_data(uri, "s3-x", FakeArtifact(target))
     assert not any(tmp_path.rglob("escaped.txt"))
 
 
@@ -309,7 +309,7 @@ def test_credentials_in_a_source_are_not_echoed(tmp_path, server):
     line = _one_error_line(proc)
     assert "https://***@127.0.0.1:1/repo.git" in line and PASSWORD not in proc.stderr + proc.stdout
     with pytest.raises(UserError) as refused:
-        runtime.resolve_version(source, "")
+        datasets.resolve_version(source, "")
     assert PASSWORD not in str(refused.value)
     with pytest.raises(UserError) as refused:
         check_parameters(
