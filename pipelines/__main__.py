@@ -18,21 +18,12 @@ from pathlib import Path
 
 from components.params import NAMES, PARAMETERS, check_gpus, check_parameters
 from components.sources import parse_source, redact
+from yolo.cli import EXIT_USER_ERROR, OneLineParser
 from yolo.errors import UserError
 from yolo.files import write_text
 
-EXIT_USER_ERROR = 2
 EXIT_PIPELINE_FAILED = 1
 PROG = "python -m pipelines"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)  # a typo like `--epoch` is an error, not `--epochs`
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 
 
 def _key_value(text: str) -> tuple[str, str]:

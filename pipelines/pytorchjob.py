@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from components import pipeline_image
-from components.params import check_gpus
+from components.params import check_gpus, reserved_flags_given
 from components.sources import parse_source, resolve_git_rev
 from yolo.errors import UserError
 from yolo.files import write_text
@@ -83,7 +83,7 @@ class JobOptions:
 
 
 def _flag_given(args: list[str], name: str) -> bool:
-    return any(a == name or a.startswith(name + "=") for a in args)
+    return bool(reserved_flags_given(args, (name,)))
 
 
 def _flag_value(args: list[str], name: str) -> str | None:
@@ -107,9 +107,9 @@ def check_options(o: JobOptions) -> None:
         raise UserError(f"--name {o.name!r}: a DNS-1035 label (lowercase letters, digits, '-'; at most 40)")
     if not o.checkpoint_uri:
         raise UserError("--checkpoint-uri is required: it is where a restarted node resumes from (s3://...)")
-    for reserved in RESERVED_TRAIN_FLAGS:
-        if _flag_given(o.train_args, reserved):
-            raise UserError(f"train argument {reserved}: set by the manifest (per node); remove it")
+    clashes = reserved_flags_given(o.train_args, RESERVED_TRAIN_FLAGS)
+    if clashes:
+        raise UserError(f"train argument {clashes[0]}: set by the manifest (per node); remove it")
     has_data = _flag_given(o.train_args, "--data")
     if o.dataset_source and has_data:
         raise UserError(
