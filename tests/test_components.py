@@ -521,3 +521,10 @@ def test_submit_time_code_imports_no_container_side_module():
     )
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.split() == ["['components',", "'components.params',", "'components.sources']"]
+
+
+def test_docs_name_the_checkpoint_folder_the_train_step_uses():
+    assert runtime.checkpoint_uri("ROOT") == "ROOT/{run_id}"
+    for doc in ("architecture.md", "kubeflow.md"):
+        text = (REPO / "docs" / doc).read_text()
+        assert "checkpoint_root/{run_id}" in text and "pipeline_job_uuid" not in text, doc
