@@ -18,6 +18,7 @@ from pathlib import Path
 
 from components.params import NAMES, PARAMETERS, check_gpus, check_parameters
 from components.sources import parse_source, redact
+from pipelines.cluster import ClusterOptions, Toleration, parse_toleration
 from yolo.cli import EXIT_USER_ERROR, OneLineParser
 from yolo.errors import UserError
 from yolo.files import write_text
@@ -33,21 +34,12 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _toleration(text: str):
-    """KEY[=VALUE][:EFFECT] → Toleration (operator Equal with a value, Exists without)."""
-    from pipelines.training import Toleration
-
-    spec, _, effect = text.partition(":")
-    key, sep, value = spec.partition("=")
-    if not key:
-        raise argparse.ArgumentTypeError(f"expected KEY[=VALUE][:EFFECT], got {text!r}")
-    if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise argparse.ArgumentTypeError(
-            f"toleration effect {effect!r}: NoSchedule, PreferNoSchedule or NoExecute"
-        )
-    return Toleration(
-        key=key, operator="Equal" if sep else "Exists", value=value if sep else None, effect=effect or None
-    )
+def _toleration(text: str) -> Toleration:
+    """KEY[=VALUE][:EFFECT] → Toleration (pipelines.cluster: no component module is imported by parsing)."""
+    try:
+        return parse_toleration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_cluster_arguments(p: argparse.ArgumentParser, default_gpus: int) -> None:
@@ -123,8 +115,12 @@ def build_parser() -> OneLineParser:
         help="train pods only; repeatable",
     )
     c.add_argument("--train-retries", type=int, default=3)
-    c.add_argument("--train-cpu", default="8")
-    c.add_argument("--train-memory", default="32Gi")
+    c.add_argument("--train-cpu", default="8", help="CPU request of the train pod")
+    c.add_argument("--train-memory", default="32Gi", help="memory request of the train pod")
+    c.add_argument("--train-cpu-limit", default="16", help="CPU limit of the train pod")
+    c.add_argument(
+        "--train-memory-limit", default="48Gi", help="memory limit of the train pod (it covers /dev/shm too)"
+    )
     c.add_argument("--shm-size", default="16Gi", help="memory-backed /dev/shm size of the train pod")
 
     r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (SubprocessRunner)")
@@ -165,7 +161,7 @@ def compile_pipeline(args: argparse.Namespace) -> int:
     _set_image(args.image)
     from kfp import compiler
 
-    from pipelines.training import ClusterOptions, build_pipeline
+    from pipelines.training import build_pipeline
 
     options = ClusterOptions(
         gpus=args.gpus,
@@ -176,6 +172,8 @@ def compile_pipeline(args: argparse.Namespace) -> int:
         train_retries=args.train_retries,
         train_cpu=args.train_cpu,
         train_memory=args.train_memory,
+        train_cpu_limit=args.train_cpu_limit,
+        train_memory_limit=args.train_memory_limit,
         shm_size=args.shm_size,
     )
     out = args.out
@@ -208,7 +206,7 @@ def run_local(args: argparse.Namespace) -> int:
     _set_image(args.image)
     import kfp.local
 
-    from pipelines.training import ClusterOptions, build_pipeline
+    from pipelines.training import build_pipeline
 
     # Steps run as `python3 -m kfp.dsl.executor_main`: kfp.local swaps in this interpreter, and the
     # `python -m yolo` / `dvc` they start come from the same environment.

@@ -232,25 +232,23 @@ def build_manifest(o: JobOptions) -> dict[str, Any]:
     replica_specs = {"Master": _replica(o, 1)}
     if o.nodes > 1:
         replica_specs["Worker"] = _replica(o, o.nodes - 1)
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": metadata,
-        "spec": {
-            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": o.backoff_limit},
-            "elasticPolicy": {
-                "rdzvBackend": "c10d",
-                "rdzvHost": f"{o.name}-master-0",  # the operator's service of the Master pod
-                "rdzvPort": RDZV_PORT,
-                "rdzvId": o.name,
-                "minReplicas": low,
-                "maxReplicas": o.nodes,
-                "maxRestarts": o.max_restarts,
-            },
-            "nprocPerNode": str(o.procs_per_node),
-            "pytorchReplicaSpecs": replica_specs,
-        },
-    }
+    spec: dict[str, Any] = {"runPolicy": {"cleanPodPolicy": "None", "backoffLimit": o.backoff_limit}}
+    # The operator's admission webhook (v1.9) requires a Worker replica whenever elasticPolicy is set. One
+    # node has none, so it runs without: torchrun's c10d rendezvous then defaults to localhost:29400 in
+    # the one pod, and a failed pod is still restarted (restartPolicy, backoffLimit, --max-restarts).
+    if o.nodes > 1:
+        spec["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "rdzvHost": f"{o.name}-master-0",  # the operator's service of the Master pod
+            "rdzvPort": RDZV_PORT,
+            "rdzvId": o.name,
+            "minReplicas": low,
+            "maxReplicas": o.nodes,
+            "maxRestarts": o.max_restarts,
+        }
+    spec["nprocPerNode"] = str(o.procs_per_node)
+    spec["pytorchReplicaSpecs"] = replica_specs
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -57,10 +57,12 @@ CLUSTER_KEYS = (
     "train_retries",
     "train_cpu",
     "train_memory",
+    "train_cpu_limit",
+    "train_memory_limit",
     "shm_size",
 )
 DEFAULT_GPUS = 1  # `compile`'s default
-PARAMS_FILE_KEYS = ("experiment", "cluster", "parameters")
+PARAMS_FILE_KEYS = ("experiment", "namespace", "cluster", "parameters")
 KIND_WORDS = {"NUMBER_INTEGER": "integer", "NUMBER_DOUBLE": "number", "BOOLEAN": "boolean (true/false)",
               "LIST": "JSON list", "STRUCT": "JSON object"}  # fmt: skip
 
@@ -76,6 +78,7 @@ class ParamsFile:
 
     path: Path | None = None
     experiment: str | None = None
+    namespace: str | None = None  # the profile namespace on multi-user Kubeflow
     cluster: dict[str, Any] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +118,7 @@ def load_params_file(path: str | os.PathLike) -> ParamsFile:
     return ParamsFile(
         path=path,
         experiment=str(experiment) if experiment else None,
+        namespace=str(raw["namespace"]) if raw.get("namespace") else None,
         cluster=_section(raw.get("cluster"), "cluster", CLUSTER_KEYS, path),
         parameters=_section(raw.get("parameters"), "parameters", tuple(n for n, _ in PIPELINE_FLAGS), path),
     )
@@ -413,7 +417,8 @@ def submit(request: SubmitRequest, log=print) -> SubmitResult:
     health = check_host(request.host, token, request.connect_timeout)
     if health.get("multi_user") is True and not request.namespace:
         raise UserError(
-            f"{request.host}: multi-user Kubeflow Pipelines: pass --namespace (your profile namespace)"
+            f"{request.host}: multi-user Kubeflow Pipelines: pass --namespace (your profile namespace) "
+            "or set `namespace:` in the params file"
         )
     if not is_pinned(image):
         print(
@@ -489,7 +494,9 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         "--host", required=True, help="KFP API root, e.g. http://localhost:8888 or https://KF/pipeline"
     )
     p.add_argument("--token", help=f"bearer token (default: the file ${TOKEN_PATH_ENV} names, if set)")
-    p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
+    p.add_argument(
+        "--namespace", help="profile namespace (multi-user Kubeflow; default: the params file's `namespace`)"
+    )
     p.add_argument(
         "--experiment", help=f"experiment name (default {DEFAULT_EXPERIMENT}, or the params file's)"
     )
@@ -519,6 +526,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-retries", type=int)
     g.add_argument("--train-cpu")
     g.add_argument("--train-memory")
+    g.add_argument("--train-cpu-limit")
+    g.add_argument("--train-memory-limit")
     g.add_argument("--shm-size")
     r = p.add_argument_group("pipeline parameters")
     for parameter in PARAMETERS:
@@ -555,6 +564,8 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         "train_retries": args.train_retries,
         "train_cpu": args.train_cpu,
         "train_memory": args.train_memory,
+        "train_cpu_limit": args.train_cpu_limit,
+        "train_memory_limit": args.train_memory_limit,
         "shm_size": args.shm_size,
     }
     cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
@@ -565,7 +576,7 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         token=args.token,
         image=args.image,
         experiment=args.experiment or params_file.experiment,
-        namespace=args.namespace,
+        namespace=args.namespace or params_file.namespace,
         run_name=args.run_name,
         cluster=cluster,
         parameters=parameters,
