@@ -10,12 +10,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from yolo import __version__
 from yolo.errors import UserError
+from yolo.files import environment_error
+from yolo.redact import RedactFilter, redact
 
 EXIT_USER_ERROR = 2
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the train loop: unwinds the step, so its `finally` blocks remove temp files."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("yolo.data.sample", "write the embedded synthetic sample dataset"),
@@ -68,18 +81,37 @@ def main(argv: list[str] | None = None) -> int:
     # Our progress at INFO; third-party libraries (botocore, ...) only at WARNING, so a user error is
     # not preceded by their chatter.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())  # no secret reaches the log, whoever wrote the message
     logging.getLogger("yolo").setLevel(logging.INFO)
     command = argv[0]
+    # The train loop installs its own handler (stop at a step boundary, write last.pt); everywhere else
+    # SIGTERM unwinds the step, so atomic writes in progress remove their temp files.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"yolo-pipeline {command}: error: {e}", file=sys.stderr)
+        print(f"yolo-pipeline {command}: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (OSError, RuntimeError) as error:
+        e = environment_error(error)
+        if e is None:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(redact(f"yolo-pipeline {command}: error: {e.strerror}{where}"), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Terminated:
+        print(f"yolo-pipeline {command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
     except KeyboardInterrupt:
         print(f"yolo-pipeline {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,16 @@ import torch
 from yolo.boxes import box_iou, non_max_suppression, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywhn
 from yolo.data.image import letterbox, read_image, resize_long_side
 from yolo.data.rect import rect_batches
+from yolo.engine.nonfinite import refuse_nonfinite_model
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_json, write_text
 from yolo.metrics import IOU_THRESHOLDS, ClassAP, ConfusionMatrix, ap_per_class, fitness, match_predictions
 
 LOG = logging.getLogger(__name__)
 SPLITS = ("val", "test", "train")
+# Everything the step writes besides plots, results last (removed at the start of a run, written at its end)
+OUTPUTS = ("per_class.csv", "pr_curve.csv", "confusion_matrix.json", "predictions.json", "image_ids.json",
+           "metrics.json", "gate.json")
 PR_CSV_POINTS = 101  # the COCO recall grid AP is integrated on
 
 
@@ -94,6 +98,7 @@ class EvalResult:
     names: list[str]
     predictions: list[dict] = field(default_factory=list)  # COCO results, when collected
     image_ids: dict[str, int | str] = field(default_factory=dict)  # file -> COCO image_id
+    nonfinite_images: int = 0  # images whose raw outputs held NaN/inf (NMS silently drops those)
 
     def totals(self) -> dict[str, float | int]:
         return {
@@ -221,6 +226,7 @@ def evaluate_model(
     predictions: list[dict] = []
     seconds = np.zeros(3)  # preprocess, inference, nms
     seen = 0
+    nonfinite_images = 0
     try:
         for members, batch in _rect_batch_stream(index, config, stride):
             t0 = time.perf_counter()
@@ -229,6 +235,7 @@ def evaluate_model(
             _sync(device)
             t1 = time.perf_counter()
             outputs = [model(images[i:i + micro])[0] for i in range(0, len(images), micro)]
+            nonfinite_images += sum(int((~torch.isfinite(out)).flatten(1).any(1).sum()) for out in outputs)
             _sync(device)
             t2 = time.perf_counter()
             detections = [d for out in outputs for d in non_max_suppression(
@@ -267,7 +274,9 @@ def evaluate_model(
     finally:
         model.train(was_training)
 
-    return _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots)
+    result = _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots)
+    result.nonfinite_images = nonfinite_images
+    return result
 
 
 def _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots) -> EvalResult:
@@ -501,6 +510,8 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
 
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work
     out = prepare_out_dir(cfg.out)
+    for name in OUTPUTS:  # an earlier run's results must never pass for this one's (gate.json last)
+        (out / name).unlink(missing_ok=True)
     device = select_device(cfg.device)
     data = load_data_config(cfg.data)
     if cfg.split not in data.splits:
@@ -514,6 +525,7 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     from yolo.model.checkpoint import load_model  # torch-heavy, and only once the inputs look right
 
     model, _ = load_model(cfg.weights, device, fuse=True)
+    refuse_nonfinite_model(model, f"--weights {cfg.weights}")  # NaN weights score 0 and would still promote
     model_nc = int(model.detect.nc) if hasattr(model, "detect") else int(model.model[-1].nc)
     if not cfg.eval.single_cls and model_nc != data.nc:
         raise UserError(f"--weights {cfg.weights} predicts {model_nc} classes but {data.yaml_path} has "
@@ -530,6 +542,9 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     t = time.perf_counter()
     result = evaluate_model(model, index, cfg.eval, device, names, out_dir=out, plots=True)
     LOG.info(f"evaluated in {time.perf_counter() - t:.1f}s")
+    if result.nonfinite_images:
+        raise UserError(f"--weights {cfg.weights}: the outputs for {result.nonfinite_images} image(s) hold NaN or "
+                        f"infinite values; not scored, not promoted")
 
     from yolo.data.index import dataset_fingerprint_of
 
@@ -537,12 +552,12 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
     gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
                           cfg.max_class_drop)
-    write_json(out / "metrics.json", metrics)
     write_text(out / "per_class.csv", per_class_csv(result))
     write_text(out / "pr_curve.csv", pr_curve_csv(result))
     write_json(out / "confusion_matrix.json", confusion_document(result))
     write_text(out / "predictions.json", json.dumps(result.predictions) + "\n")
     write_json(out / "image_ids.json", result.image_ids)
+    write_json(out / "metrics.json", metrics)  # the results last: their presence means the step completed
     write_json(out / "gate.json", gate)
     return result, gate
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from yolo.device import select_device
 from yolo.errors import UserError
-from yolo.files import atomic_path
+from yolo.files import atomic_path, prepare_out_dir
 from yolo.predict import check_img_size
 
 LOG = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def _check_config(cfg: ExportConfig, device: torch.device) -> None:
         raise UserError(f"--opset must be 12 or newer, got {cfg.opset}")
     if cfg.out.exists() and cfg.out.is_dir():
         raise UserError(f"--out {cfg.out} is a folder; give the file to write (e.g. {cfg.out / 'model.onnx'})")
+    prepare_out_dir(cfg.out.parent)  # missing, read-only or not a folder: one line now, not after the export
 
 
 def _check_images(shape: list[int], half: bool, device: torch.device, dynamic: bool, stride: int):

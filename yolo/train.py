@@ -35,6 +35,7 @@ from yolo.engine.optim import OPTIMIZERS, Schedule, build_optimizer, scaled_weig
 from yolo.engine.preemption import EXIT_SIGTERM, StopRequested
 from yolo.errors import UserError
 from yolo.files import write_json, write_text
+from yolo.redact import redact
 
 LOG = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class TrainConfig:
     checkpoint_uri: str | None = None
     resume: str | None = None  # None: automatic; "": this run's own last.pt; else a DIR, file or URI
     sync_bn: bool = False
+    trust_unverified: bool = False  # resume from a stored last.pt without a recorded SHA-256
     epochs_given: bool = True  # False when --epochs was left at its default (resume keeps the run's own)
 
     # Arguments that decide the result; the run identity hashes these (plus data, cfg, hyp).
@@ -153,6 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--resume", nargs="?", const="", default=None, metavar="DIR|URI",
       help="continue a run: its folder, last.pt or s3:// URI (no value: --out / --checkpoint-uri)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (GPU only)")
+    a("--trust-unverified", action="store_true",
+      help="resume from a stored last.pt that has no recorded SHA-256 (rewritten by another tool)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -212,13 +216,17 @@ def train(cfg: TrainConfig, stop: StopRequested | None = None) -> TrainResult:
     trainer = None
     # process-wide torch settings a run changes (--deterministic, threads): restored for library callers
     saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    setup = None
     try:
-        trainer = Trainer(prepare_run(cfg, ctx))
+        setup = prepare_run(cfg, ctx)
+        trainer = Trainer(setup)
         with stop or StopRequested() as active:
             return trainer.fit(active)
     finally:
         if trainer is not None:
             trainer.close()
+        elif setup is not None:
+            setup.release()
         dist_utils.shutdown(ctx)
         torch.use_deterministic_algorithms(saved[0])
         torch.set_num_threads(saved[1])
@@ -268,6 +276,7 @@ class Trainer:
         self.epoch_log = EpochLog()
         self.nonfinite_run = 0  # consecutive non-finite steps
         self.nonfinite_total = 0
+        self.batches_run = 0  # batches trained over the whole run (the all-skipped check)
         self._bad_on_device = torch.zeros((), dtype=torch.int64, device=self.device)  # CUDA bookkeeping
         self._bad_seen = 0
         self._window_start = 0
@@ -394,6 +403,7 @@ class Trainer:
                 self.mloss.mul_(i).add_(items.float()).div_(i + 1)  # running mean, stays on the device
 
             self.iteration = i + 1
+            self.batches_run += 1
             log.images += imgs.shape[0] * (4 if cfg.quad else 1) * ctx.world_size  # source images, all ranks
             if bar is not None and (now - last_refresh > PROGRESS_REFRESH_S or i + 1 == self.nb):
                 last_refresh = now
@@ -649,6 +659,7 @@ class Trainer:
             "stopper_best": list(self.stopper_best),
             "lr_scale": self.lr_scale,
             "nonfinite_total": self.nonfinite_total,
+            "batches_run": self.batches_run,
             "history": self.history,
             "run_totals": [self.run_images, self.run_seconds, self.run_wait],
             "finished": self.finished,
@@ -686,6 +697,7 @@ class Trainer:
         self.stopper_best = (float(st["stopper_best"][0]), int(st["stopper_best"][1]))
         self.lr_scale = float(st["lr_scale"])
         self.nonfinite_total = int(st["nonfinite_total"])
+        self.batches_run = int(st.get("batches_run", 0))
         self.history = list(st["history"])
         self.run_images, self.run_seconds, self.run_wait = st["run_totals"]
         if st.get("last_maps") is not None:
@@ -744,6 +756,9 @@ class Trainer:
         return self._result(code)
 
     def _finish(self) -> TrainResult:
+        if self.batches_run and self.nonfinite_total >= self.batches_run:
+            raise UserError(f"every training step had a non-finite loss ({self.nonfinite_total} skipped): the "
+                            f"weights were never updated; check the data, --hyp and the initial weights")
         if self.ctx.is_main:
             doc = self.train_json()
             write_json(self.out / "train.json", doc)
@@ -760,9 +775,10 @@ class Trainer:
 
     def _close_sink(self) -> None:
         if self.sink.enabled:
-            LOG.info(f"waiting for the checkpoint upload to {self.sink.uri} ...")
+            LOG.info(redact(f"waiting for the checkpoint upload to {self.sink.uri} ..."))
             if not self.sink.close(timeout=float(os.environ.get("YOLO_FINAL_UPLOAD_TIMEOUT", "600"))):
-                raise UserError(f"final checkpoint upload to {self.sink.uri} did not complete (see warnings above)")
+                raise UserError(redact(f"final checkpoint upload to {self.sink.uri} did not complete "
+                                       f"(see warnings above)"))
 
     def train_json(self) -> dict[str, Any]:
         return {
@@ -792,6 +808,7 @@ class Trainer:
             self.tb.close()
         # normally already closed; after an error, give the newest checkpoint a minute to reach the store
         self.sink.close(timeout=60)
+        self.s.release()
 
 
 def _cpu(obj: Any, clone: bool = False) -> Any:
