@@ -487,17 +487,10 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
     )
 
 
-def _cpu_threads_for_load() -> None:
-    """Inference threads by the trainer's rule (yolo.device.cpu_threads); results do not depend on it."""
-    from yolo.device import cpu_threads
-
-    torch.set_num_threads(cpu_threads(torch.get_num_threads(), os.cpu_count() or 1))
-
-
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
     from yolo.data.dataset import load_data_config, load_split
-    from yolo.device import select_device
+    from yolo.device import cpu_threads, select_device
 
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work
     out = prepare_out_dir(cfg.out)
@@ -521,7 +514,7 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     if device.type == "cuda":
         model.half()
     else:
-        _cpu_threads_for_load()
+        torch.set_num_threads(cpu_threads())  # yolo.device's one rule; recorded in metrics.json
         if cfg.eval.channels_last:
             model.to(memory_format=torch.channels_last)
     names = list(data.names)
@@ -535,6 +528,7 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
 
     fingerprint = dataset_fingerprint_of(data, cfg.index, {cfg.split: index.fingerprint})  # = validate's
     metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
+    metrics["cpu_threads"] = torch.get_num_threads()
     gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
                           cfg.max_class_drop)
     write_json(out / "metrics.json", metrics)
