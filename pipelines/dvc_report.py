@@ -138,7 +138,8 @@ def write_reports(runs: Path, out: Path) -> dict[str, Any]:
             "plots/confusion.csv": confusion_csv(confusion),
         }
     except (KeyError, TypeError, IndexError) as e:
-        raise UserError(f"{runs}: a step output lacks {e} (outputs of another version of the steps?)") from None
+        raise UserError(f"{runs}: a step output is not in the expected form ({type(e).__name__}: {e}); "
+                        "rerun the steps") from None
     if files["plots/confusion.csv"] is None:
         print(f"confusion matrix over {MAX_CONFUSION_ROWS} counts: not written as a plot", file=sys.stderr)
         files["plots/confusion.csv"] = _csv(["actual", "predicted"], [])
