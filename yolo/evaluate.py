@@ -383,9 +383,10 @@ def confusion_document(result: EvalResult) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- gate
 def promotion_gate(metrics: dict, baseline: dict | None = None, baseline_path: str | None = None,
                    min_map50: float | None = None, max_class_drop: float = 0.05,
-                   tolerance: float = 1e-6) -> dict[str, Any]:
+                   tolerance: float = 1e-6, promote_without_gate: bool = False) -> dict[str, Any]:
     """gate.json: promote when mAP50 >= min_map50 (if set) and, against a baseline metrics.json, fitness does
-    not fall and no class's mAP50-95 falls by more than max_class_drop. `tolerance` absorbs float noise."""
+    not fall and no class's mAP50-95 falls by more than max_class_drop. `tolerance` absorbs float noise.
+    With neither criterion nothing is promoted unless promote_without_gate says so."""
     reasons: list[str] = []
     promote = True
     if min_map50 is not None:
@@ -412,7 +413,9 @@ def promotion_gate(metrics: dict, baseline: dict | None = None, baseline_path: s
         else:
             reasons.append(f"no class lost more than {max_class_drop:g} mAP50-95")
     if min_map50 is None and baseline is None:
-        reasons.append("no gate configured (--min-map50, --baseline): promoted by default")
+        promote = promote_without_gate
+        reasons.append("no gate configured (--min-map50, --baseline): " + (
+            "promoted (--promote-without-gate)" if promote else "not promoted (--promote-without-gate to promote)"))
     return {"promote": bool(promote), "reasons": reasons, "min_map50": min_map50, "baseline": baseline_path,
             "delta": delta, "regressed_classes": regressed}
 
@@ -447,6 +450,7 @@ class EvaluateStepConfig:
     min_map50: float | None = None
     baseline: Path | None = None
     max_class_drop: float = 0.05
+    promote_without_gate: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -473,6 +477,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None, help="the current model's metrics.json for the gate")
     parser.add_argument("--max-class-drop", type=float, default=0.05,
                         help="largest per-class mAP50-95 drop vs --baseline that still promotes")
+    parser.add_argument("--promote-without-gate", action="store_true",
+                        help="promote when neither --min-map50 nor --baseline is given (default: do not)")
 
 
 def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
@@ -489,24 +495,17 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
         data=Path(args.data), weights=str(args.weights), out=Path(args.out), split=args.split,
         device=args.device, index=Path(args.index) if args.index else None, data_version=args.data_version,
         min_map50=args.min_map50, baseline=Path(args.baseline) if args.baseline else None,
-        max_class_drop=args.max_class_drop,
+        max_class_drop=args.max_class_drop, promote_without_gate=args.promote_without_gate,
         eval=EvalConfig(imgsz=args.imgsz, batch_size=args.batch_size, conf_thres=args.conf_thres,
                         iou_thres=args.iou_thres, max_det=args.max_det, single_cls=args.single_cls,
                         micro_batch=args.micro_batch, workers=args.workers, collect_predictions=True),
     )
 
 
-def _cpu_threads_for_load() -> None:
-    """Inference threads by the trainer's rule (yolo.device.cpu_threads); results do not depend on it."""
-    from yolo.device import cpu_threads
-
-    torch.set_num_threads(cpu_threads(torch.get_num_threads(), os.cpu_count() or 1))
-
-
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
     from yolo.data.dataset import load_data_config, load_split
-    from yolo.device import select_device
+    from yolo.device import cpu_threads, select_device
 
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work
     out = prepare_out_dir(cfg.out)
@@ -533,7 +532,7 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     if device.type == "cuda":
         model.half()
     else:
-        _cpu_threads_for_load()
+        torch.set_num_threads(cpu_threads())  # yolo.device's one rule; recorded in metrics.json
         if cfg.eval.channels_last:
             model.to(memory_format=torch.channels_last)
     names = list(data.names)
@@ -550,8 +549,9 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
 
     fingerprint = dataset_fingerprint_of(data, cfg.index, {cfg.split: index.fingerprint})  # = validate's
     metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
+    metrics["cpu_threads"] = torch.get_num_threads()
     gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
-                          cfg.max_class_drop)
+                          cfg.max_class_drop, promote_without_gate=cfg.promote_without_gate)
     write_text(out / "per_class.csv", per_class_csv(result))
     write_text(out / "pr_curve.csv", pr_curve_csv(result))
     write_json(out / "confusion_matrix.json", confusion_document(result))
@@ -569,7 +569,8 @@ def run(args: argparse.Namespace) -> int:
     s = result.speed_ms
     print(f"Speed: {s['preprocess']:.1f}ms pre-process, {s['inference']:.1f}ms inference, {s['nms']:.1f}ms NMS "
           f"per image at batch {cfg.eval.batch_size}, imgsz {cfg.eval.imgsz}")
-    print(f"Results saved to {cfg.out}; gate: {'promote' if gate['promote'] else 'do not promote'}")
+    print(f"Results saved to {cfg.out}; gate: {'promote' if gate['promote'] else 'do not promote'} "
+          f"({'; '.join(gate['reasons'])})")
     if cfg.min_map50 is not None and result.map50 < cfg.min_map50:
         raise UserError(f"mAP50 {result.map50:.4f} is below --min-map50 {cfg.min_map50:g} "
                         f"(outputs written to {cfg.out})")

@@ -794,6 +794,7 @@ class Trainer:
             "dataset_fingerprint": self.s.dataset_fingerprint,
             "data_version": self.cfg.data_version,
             "world_size": self.ctx.world_size,
+            "cpu_threads": torch.get_num_threads(),  # yolo.device.cpu_threads; decides float summation order
             "nonfinite_steps": self.nonfinite_total,
             "peak_gpu_memory_gb": (torch.cuda.max_memory_reserved(self.device) / 1e9
                                    if self.device.type == "cuda" else None),

@@ -148,7 +148,7 @@ class _SkipSampler(Sampler):
 # ---------------------------------------------------------------------------------------- prepare
 def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     """Resolve resume, device, data, model, identity and loaders for TrainConfig `cfg`."""
-    from yolo.device import select_device
+    from yolo.device import cpu_threads, select_device
     from yolo.files import prepare_out_dir
 
     if not ctx.is_main:
@@ -175,7 +175,7 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     dist_utils.init_distributed(ctx, device)
     _seed_everything(cfg.seed, cfg.deterministic, device)
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(ctx, cfg.deterministic))
+        torch.set_num_threads(cpu_threads(processes=ctx.local_world_size))  # yolo.device's one rule
     out = prepare_out_dir(cfg.out)
     if cfg.checkpoint_uri and ctx.is_main:
         from yolo.storage import open_storage
@@ -289,14 +289,6 @@ def _prepare_rest(cfg, ctx, device, out, hyp, model, identity_inputs, names, nc,
         dataset_fingerprint=fingerprint, resume_state=resume_state, resumed_from=resumed_from,
         identity_inputs=identity_inputs,
     )  # fmt: skip
-
-
-def _cpu_threads(ctx: DistContext, deterministic: bool) -> int:
-    """The cores this process may use (shared between local ranks), by yolo.device.cpu_threads' rule."""
-    from yolo.device import cpu_threads
-
-    threads = dist_utils.cpu_threads_per_rank(ctx)
-    return cpu_threads(threads, threads * max(1, ctx.local_world_size), adapt_to_load=not deterministic)
 
 
 def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
