@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import run_cli
 from yolo.errors import UserError
-from yolo.predict import PredictConfig, check_img_size, label_rows, list_images, predict
+from yolo.predict import PredictConfig, check_img_size, label_rows, predict
+from yolo.sources import list_media
 
 # two coco128 val images whose labels hold people (class 0): a skier, and a baseball scene
 PERSON_IMAGES = ("000000000785.jpg", "000000000872.jpg")
@@ -30,7 +31,8 @@ def predicted(tmp_path_factory, coco128_yaml, yolov5n_pt):
     (out / "labels").mkdir()
     (out / "labels" / "blank.txt").write_text("0 0.5 0.5 1 1 0.9\n")  # stale, from an "earlier run"
     # in-process (a subprocess would re-import torch); the CLI itself is covered by the exit-2 test below
-    summary = predict(PredictConfig(weights=str(yolov5n_pt), source=src, out=out, imgsz=[320]))
+    summary = predict(PredictConfig(weights=str(yolov5n_pt), source=src, out=out, imgsz=[320], save_txt=True,
+                                    save_conf=True))
     return root, src, out, summary
 
 
@@ -86,11 +88,11 @@ def test_check_img_size_rounds_up_to_stride():
         check_img_size([320, 256, 3], 32)
 
 
-def test_list_images_sorted_and_filtered(tmp_path):
+def test_list_media_sorted_and_filtered(tmp_path):
     for name in ("b.jpg", "a.PNG", "c.txt", "d", "._b.jpg"):
         (tmp_path / name).write_bytes(b"x")
-    assert [p.name for p in list_images(tmp_path)] == ["a.PNG", "b.jpg"]
-    assert list_images(tmp_path / "b.jpg") == [tmp_path / "b.jpg"]
+    assert [p.name for p in list_media(tmp_path)] == ["a.PNG", "b.jpg"]
+    assert list_media(tmp_path / "b.jpg") == [tmp_path / "b.jpg"]
 
 
 @pytest.mark.parametrize(
