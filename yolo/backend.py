@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,7 +172,9 @@ def _onnx(path: Path, device: torch.device) -> Backend:
 def _torchscript(path: Path, device: torch.device) -> Backend:
     extra = {"config.txt": ""}
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        with warnings.catch_warnings():  # torch.jit.load is deprecated for torch.export; traced files remain
+            warnings.simplefilter("ignore", category=FutureWarning)
+            module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as e:
         raise UserError(f"{path}: not a readable TorchScript model: {str(e).splitlines()[0][:160]}") from None
     try:
