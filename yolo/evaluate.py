@@ -450,11 +450,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=d.imgsz, help="inference size (pixels)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help="rect batch grouping (decides the padded shapes, hence mAP), as upstream")
-    parser.add_argument("--conf-thres", type=float, default=d.conf_thres)
+    parser.add_argument("--conf-thres", type=float, default=d.conf_thres, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=d.iou_thres, help="NMS IoU threshold")
-    parser.add_argument("--max-det", type=int, default=d.max_det)
+    parser.add_argument("--max-det", type=int, default=d.max_det, help="maximum detections per image")
     parser.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu (default: a GPU when there is one, else the CPU)")
     parser.add_argument("--workers", type=int, default=d.workers, help="image decoding threads")
     parser.add_argument("--micro-batch", type=int, default=d.micro_batch,
                         help="images per forward pass inside a rect batch (speed only); 0 = auto")
