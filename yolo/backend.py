@@ -60,6 +60,17 @@ class Backend:
         self.module = module  # the torch model for .pt files (TTA and evaluate may want it), else None
         self._told_padding = False
 
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, names=None) -> Backend:
+        """A live DetectionModel (a loaded .pt, or train's EMA model) as a Backend, so that evaluate takes one
+        kind of model; its dtype is the model's (fp16 after model.half())."""
+        param = next(model.parameters())
+        dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        nc = int(model.model[-1].nc)
+        names = _names_list(names if names is not None else getattr(model, "names", None), nc)
+        meta = ModelMeta("pytorch", max(int(model.stride.max()), 32), names, None, dtype)
+        return cls(lambda x: model(x)[0], meta, param.device, module=model)
+
     @property
     def nc(self) -> int:
         return len(self.meta.names)
@@ -119,11 +130,7 @@ def _pytorch(weights, device: torch.device, half: bool) -> Backend:
     model = model.float().eval()
     if half:
         model.half()
-    stride = max(int(model.stride.max()), 32)
-    nc = int(model.model[-1].nc)
-    names = _names_list(ckpt.get("names") if isinstance(ckpt, dict) else getattr(model, "names", None), nc)
-    meta = ModelMeta("pytorch", stride, names, None, torch.float16 if half else torch.float32)
-    return Backend(lambda x: model(x)[0], meta, device, module=model)
+    return Backend.from_module(model, ckpt.get("names") if isinstance(ckpt, dict) else None)
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from yolo.device import select_device
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_bytes, write_text
 from yolo.sources import open_source
-from yolo.tta import augmented_forward
+from yolo.tta import augmented
 
 LOG = logging.getLogger(__name__)
 
@@ -277,15 +276,6 @@ class _VideoOut:
             self.partial.unlink(missing_ok=True)
 
 
-def _inference(backend: Backend, augment: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    if not augment:
-        return backend
-    if backend.meta.fixed_shape is not None:
-        raise UserError(f"--augment runs the model at three sizes; this {backend.meta.kind} model has a fixed input "
-                        "shape: use the .pt, or an ONNX export made with --dynamic")
-    return lambda x: augmented_forward(backend, x, backend.meta.stride, backend.levels)
-
-
 def _check_imgsz_fits(backend: Backend, imgsz: list[int]) -> None:
     fixed = backend.meta.fixed_shape
     if fixed is not None and (imgsz[0] > fixed[2] or imgsz[1] > fixed[3]):
@@ -305,7 +295,7 @@ def predict(cfg: PredictConfig) -> PredictSummary:
     stride = backend.meta.stride
     imgsz = check_img_size(cfg.imgsz, stride)
     _check_imgsz_fits(backend, imgsz)
-    infer = _inference(backend, cfg.augment)
+    infer = augmented(backend) if cfg.augment else backend
     names = backend.meta.names
     out = prepare_out_dir(cfg.out)
     labels_dir = out / "labels"

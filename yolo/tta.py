@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from yolo.errors import UserError
+
+if TYPE_CHECKING:
+    from yolo.backend import Backend
 
 SCALES = (1.0, 0.83, 0.67)
 FLIPS = (None, 3, None)  # tensor dim flipped: 3 = width (left-right); 2 would be up-down
@@ -59,3 +65,12 @@ def augmented_forward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.
     outputs[0] = outputs[0][:, : -(outputs[0].shape[1] // units)]  # drop the largest-stride level
     outputs[-1] = outputs[-1][:, (outputs[-1].shape[1] // units) * 4 ** (levels - 1):]  # drop the smallest
     return torch.cat(outputs, 1)
+
+
+def augmented(backend: Backend) -> Callable[[torch.Tensor], torch.Tensor]:
+    """backend's forward with TTA, for predict and evaluate --augment; a fixed-shape export cannot run the
+    scaled passes at their own sizes, so it is refused in one line."""
+    if backend.meta.fixed_shape is not None:
+        raise UserError(f"--augment runs the model at three sizes; this {backend.meta.kind} model has a fixed input "
+                        "shape: use the .pt, or an ONNX export made with --dynamic")
+    return lambda x: augmented_forward(backend, x, backend.meta.stride, backend.levels)
