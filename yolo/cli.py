@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("yolo.stats", "label statistics, plots and a seeded autoanchor"),
     "train": ("yolo.train", "train a YOLOv5 model"),
     "evaluate": ("yolo.evaluate", "mAP, P, R per class, plots, COCO export and a promotion gate"),
-    "predict": ("yolo.predict", "detect objects in images and write annotated copies and labels"),
+    "predict": ("yolo.predict", "detect objects in images, videos and streams: annotated copies, labels, crops"),
     "convert": ("yolo.model.convert", "convert an upstream YOLOv5 .pt to this project's safe format"),
     "export": ("yolo.export", "export a model to ONNX or TorchScript"),
 }
@@ -53,17 +53,39 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 
 
+def has_no_default(value) -> bool:
+    """None, False (an off switch), "" or SUPPRESS: nothing to show. By identity: 0 and 0.0 are defaults."""
+    return value is None or value is False or value is argparse.SUPPRESS or (isinstance(value, str) and not value)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to an option's help when it has a default to show (see has_no_default) and
+    the text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not action.required and not has_no_default(action.default)
+        if shown and action.option_strings and "%(default)" not in text and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
 def _top_parser() -> OneLineParser:
-    parser = OneLineParser(prog="yolo-pipeline", description=__doc__.splitlines()[0])
+    steps = "\n".join(f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items())
+    parser = OneLineParser(
+        prog="yolo-pipeline", usage="yolo-pipeline STEP [options]  (yolo-pipeline STEP --help for its options)",
+        description="YOLOv5 training as a reproducible workflow: run one step.",
+        epilog=f"steps:\n{steps}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"yolo-pipeline {__version__}")
-    parser.add_argument("command", choices=sorted(COMMANDS), help="the step to run")
+    parser.add_argument("command", metavar="STEP", choices=list(COMMANDS), help="the step to run (listed below)")
     return parser
 
 
 def build_parser(command: str) -> OneLineParser:
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = OneLineParser(prog=f"yolo-pipeline {command}", description=help_text)
+    parser = OneLineParser(prog=f"yolo-pipeline {command}", description=help_text,
+                           formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)
     parser.set_defaults(_run=module.run)
     return parser
