@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("yolo.predict", "detect objects in images and write annotated copies and labels"),
     "convert": ("yolo.model.convert", "convert an upstream YOLOv5 .pt to this project's safe format"),
     "export": ("yolo.export", "export a model to ONNX or TorchScript"),
+    "tune": ("yolo.tune.study", "hyperparameter search: Optuna trials of the train step, resumable"),
 }
 
 
@@ -70,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
     logging.getLogger("yolo").setLevel(logging.INFO)
     command = argv[0]
+    if command == "train" and any(a == "--evolve" or a.startswith("--evolve=") for a in argv[1:]):
+        # upstream's spelling of a hyperparameter search: say where it lives rather than half-doing it
+        print("yolo-pipeline train: error: --evolve is `yolo-pipeline tune --sampler evolve --trials N` here "
+              "(same data/model flags as train)", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
