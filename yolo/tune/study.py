@@ -200,12 +200,14 @@ def tune(cfg: TuneConfig) -> int:
         raise UserError(f"--data {cfg.train.data}: no such file")
     out = prepare_out_dir(cfg.out)
     owner = str(out.resolve())
-    with _exclusive(out):
+    # SIGTERM/SIGINT between trials stops the study there; during a trial the trainer's own handler
+    # (PruneCheck) stops the trial at the next step and leaves it to be resumed
+    with _exclusive(out), StopRequested() as between_trials:
         study, shown = open_study(cfg)
         LOG.info(f"study {STUDY_NAME!r} in {shown}: {len(study.trials)} of {cfg.trials} trial(s) so far, "
                  f"sampler {cfg.sampler}, seed {cfg.seed}, {len(cfg.space.params)} hyperparameters")
         running = optuna.trial.TrialState.RUNNING
-        while True:
+        while not between_trials.requested:
             stale = [t for t in study.get_trials(deepcopy=False, states=(running,)) if t.user_attrs.get("out") == owner]
             if stale:  # cut off by an earlier process: resume it in its folder
                 frozen = stale[0]
@@ -225,6 +227,9 @@ def tune(cfg: TuneConfig) -> int:
             if code:
                 return code
             gc.collect()  # the finished trial's model and loaders, before the next one allocates its own
+        if between_trials.requested:
+            LOG.warning("stopped between trials: run the same command to continue the study")
+            return between_trials.exit_code
         write_summary(study, cfg, out, shown)
         write_plots(study, cfg, out)
     return 0
