@@ -271,17 +271,36 @@ def _config(data: Path, out: Path, *extra: str) -> tune_study.TuneConfig:
     return tune_study.config_from_args(parser.parse_args(_tune_args(data, out, *extra)[1:]))
 
 
-def test_a_study_refuses_other_arguments_in_the_same_storage(tmp_path, data):
+def test_a_study_refuses_other_arguments_once_a_trial_finished(tmp_path, data):
     out = tmp_path / "t"
     out.mkdir()
-    tune_study.open_study(_config(data, out))
-    tune_study.open_study(_config(data, out, "--trials", "10"))  # more trials: the same study
+    owner = str(out.resolve())
+    study, _ = tune_study.open_study(_config(data, out), owner)
+    failed = study.ask()  # say a mistyped --cfg failed the first trial, and another was cut off
+    failed.set_user_attr("out", owner)
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    study.ask().set_user_attr("out", owner)
+    study, _ = tune_study.open_study(_config(data, out, "--seed", "1"), owner)  # nothing finished: taken
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL"] and tune_study.counted_trials(study) == 0
+    trial = study.ask()
+    study.tell(trial, 0.5)
+    tune_study.open_study(_config(data, out, "--seed", "1", "--trials", "10"), owner)  # more trials: same study
     with pytest.raises(UserError, match="started with another `seed`"):
-        tune_study.open_study(_config(data, out, "--seed", "1"))
+        tune_study.open_study(_config(data, out), owner)
+    space = tmp_path / "space.yaml"
+    space.write_text("lr0: {low: 0.001, high: 0.01}\n")
     with pytest.raises(UserError, match="started with another `space`"):
-        space = tmp_path / "space.yaml"
-        space.write_text("lr0: {low: 0.001, high: 0.01}\n")
-        tune_study.open_study(_config(data, out, "--space", str(space)))
+        tune_study.open_study(_config(data, out, "--seed", "1", "--space", str(space)), owner)
+
+
+def test_a_failing_trial_is_recorded_and_reported_in_one_line(tmp_path, data, capsys):
+    out = tmp_path / "t"
+    args = _tune_args(data, out)
+    args[args.index("yolov5n.yaml")] = "yolov5q.yaml"
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "yolov5q.yaml" in err.splitlines()[-1], err  # after the study's info line
+    assert json.loads((out / "tune.json").read_text())["trials"]["failed"] == 1
 
 
 def test_one_process_per_out_folder(tmp_path, data, capsys):

@@ -155,8 +155,10 @@ def make_sampler(kind: str, seed: int):
     return optuna.samplers.NSGAIISampler(seed=seed, population_size=EVOLVE_POPULATION)
 
 
-def open_study(cfg: TuneConfig):
-    """The study in cfg's storage (created on first use), checked to be this configuration's."""
+def open_study(cfg: TuneConfig, owner: str):
+    """The study in cfg's storage (created on first use), checked to be this configuration's. A study
+    without a finished trial (say its first trial failed on a mistyped --cfg) takes the new arguments;
+    `owner`'s cut-off trials from the old ones are failed."""
     optuna = _optuna()
     from sqlalchemy.engine import make_url  # optuna's own dependency
 
@@ -177,9 +179,23 @@ def open_study(cfg: TuneConfig):
         study.set_user_attr("identity", wanted)
     elif found != wanted:
         key = next(k for k in wanted if found.get(k) != wanted.get(k))
-        raise UserError(f"study {STUDY_NAME!r} in {shown} was started with another `{key}`; "
-                        f"use another --out (or --storage) for a new study")
+        states = optuna.trial.TrialState
+        if any(t.state in (states.COMPLETE, states.PRUNED) for t in study.get_trials(deepcopy=False)):
+            raise UserError(f"study {STUDY_NAME!r} in {shown} was started with another `{key}`; "
+                            f"use another --out (or --storage) for a new study")
+        for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+            if t.user_attrs.get("out") == owner:
+                study.tell(t.number, state=states.FAIL)
+        study.set_user_attr("identity", wanted)
+        LOG.warning(f"study {STUDY_NAME!r} had no finished trial: continuing it with the new `{key}`")
     return study, shown
+
+
+def counted_trials(study) -> int:
+    """Trials that count toward --trials: all but failed ones. A failure stops the process that met it
+    (the error is the user's to see); the same command then runs a new trial in its place."""
+    failed = _optuna().trial.TrialState.FAIL
+    return sum(t.state != failed for t in study.get_trials(deepcopy=False))
 
 
 @contextlib.contextmanager
@@ -203,8 +219,8 @@ def tune(cfg: TuneConfig) -> int:
     # SIGTERM/SIGINT between trials stops the study there; during a trial the trainer's own handler
     # (PruneCheck) stops the trial at the next step and leaves it to be resumed
     with _exclusive(out), StopRequested() as between_trials:
-        study, shown = open_study(cfg)
-        LOG.info(f"study {STUDY_NAME!r} in {shown}: {len(study.trials)} of {cfg.trials} trial(s) so far, "
+        study, shown = open_study(cfg, owner)
+        LOG.info(f"study {STUDY_NAME!r} in {shown}: {counted_trials(study)} of {cfg.trials} trial(s) so far, "
                  f"sampler {cfg.sampler}, seed {cfg.seed}, {len(cfg.space.params)} hyperparameters")
         running = optuna.trial.TrialState.RUNNING
         while not between_trials.requested:
@@ -215,15 +231,17 @@ def tune(cfg: TuneConfig) -> int:
                 values, reported = dict(frozen.params), set(frozen.intermediate_values)
                 spent = float(frozen.user_attrs.get("seconds", 0.0))
                 LOG.info(f"trial {frozen.number}: resuming (it was cut off mid-way)")
-            elif len(study.trials) >= cfg.trials:
+            elif counted_trials(study) >= cfg.trials:
                 break
             else:
                 study.sampler = make_sampler(cfg.sampler, trial_seed(cfg.seed, len(study.trials)))
                 trial = study.ask()
                 trial.set_user_attr("out", owner)
                 values, reported, spent = cfg.space.suggest(trial), set(), 0.0
-            code = run_trial(study, trial, values, reported, spent, cfg, out)
-            write_summary(study, cfg, out, shown)
+            try:
+                code = run_trial(study, trial, values, reported, spent, cfg, out)
+            finally:  # also after a failed trial: tune.json says so
+                write_summary(study, cfg, out, shown)
             if code:
                 return code
             gc.collect()  # the finished trial's model and loaders, before the next one allocates its own
