@@ -307,18 +307,18 @@ def run_trial(study, trial, values: dict[str, float], reported: set[int], spent:
     seconds = time.perf_counter() - started
     trial.set_user_attr("seconds", round(spent + seconds, 3))
     check.report_epochs()
-    progress = f"trial {trial.number + 1}/{cfg.trials}"
+    if result.exit_code != 0 and check.pruned_epoch is None:
+        LOG.warning(f"trial {trial.number} interrupted: run the same command to resume it and finish the study")
+        return result.exit_code
     if check.pruned_epoch is not None:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        LOG.info(f"{progress} pruned after epoch {check.pruned_epoch}: its fitness was below the median "
-                 f"of earlier trials at that epoch ({seconds:.0f} s)")
-        return 0
-    if result.exit_code != 0:
-        LOG.warning(f"{progress} interrupted: run the same command to resume it and finish the study")
-        return result.exit_code
-    fitness = float(result.best["fitness"]) if result.best else 0.0
-    study.tell(trial, fitness)
+        what = (f"pruned after epoch {check.pruned_epoch} (fitness below the median of earlier trials "
+                f"at that epoch)")
+    else:
+        fitness = float(result.best["fitness"]) if result.best else 0.0
+        study.tell(trial, fitness)
+        what = f"fitness {fitness:.4f}"
     best = best_trial(study)
-    LOG.info(f"{progress}: fitness {fitness:.4f} in {seconds:.0f} s "
-             f"(best so far: trial {best.number}, {best.value:.4f})")
+    LOG.info(f"trial {trial.number}: {what} in {seconds:.0f} s; {counted_trials(study)} of {cfg.trials} done"
+             + (f", best: trial {best.number} ({best.value:.4f})" if best else ""))
     return 0
