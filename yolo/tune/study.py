@@ -105,10 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for action in scratch._actions:
         if action.dest in _SET_BY_TUNE:
             continue
-        if action.dest == "seed":
-            action.help = "seeds the sampler and every trial's training (default 0)"
-        if action.dest == "hyp":
-            action.help = "base hyperparameters: the values of keys outside the search space"
+        action.help = {
+            "data": "data.yaml (upstream format)",
+            "seed": "seeds the sampler and every trial's training (default 0)",
+            "hyp": "base hyperparameters: the values of keys outside the search space",
+        }.get(action.dest, action.help)
         group._add_action(action)
 
 
