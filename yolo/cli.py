@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("yolo.predict", "detect objects in images, videos and streams: annotated copies, labels, crops"),
     "convert": ("yolo.model.convert", "convert an upstream YOLOv5 .pt to this project's safe format"),
     "export": ("yolo.export", "export a model to ONNX or TorchScript"),
+    "tune": ("yolo.tune.study", "hyperparameter search: Optuna trials of the train step, resumable"),
 }
 
 
@@ -107,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         handler.addFilter(RedactFilter())  # no secret reaches the log, whoever wrote the message
     logging.getLogger("yolo").setLevel(logging.INFO)
     command = argv[0]
+    if command == "train" and any(a == "--evolve" or a.startswith("--evolve=") for a in argv[1:]):
+        # upstream's spelling of a hyperparameter search: say where it lives rather than half-doing it
+        print("yolo-pipeline train: error: --evolve is `yolo-pipeline tune --sampler evolve --trials N` here "
+              "(same data/model flags as train)", file=sys.stderr)
+        return EXIT_USER_ERROR
     # The train loop installs its own handler (stop at a step boundary, write last.pt); everywhere else
     # SIGTERM unwinds the step, so atomic writes in progress remove their temp files.
     in_main = threading.current_thread() is threading.main_thread()
