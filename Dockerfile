@@ -41,14 +41,11 @@ RUN --mount=type=secret,id=ca \
     && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
+# The base chosen by BASE (DL3006: a stage of this file, not a registry image).
 # hadolint ignore=DL3006
 FROM base-${BASE}
-ARG VERSION=0.1.0
-ARG GIT_SHA=unknown
 LABEL org.opencontainers.image.title="yolo-pipeline" \
       org.opencontainers.image.description="YOLOv5 training pipeline steps: validate, stats, train, evaluate" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${GIT_SHA}" \
       org.opencontainers.image.licenses="AGPL-3.0-only"
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -85,10 +82,17 @@ COPY docker/init.py /usr/local/bin/container-init
 RUN useradd --create-home --uid 1000 --shell /bin/bash yolo
 USER 1000
 ENV HOME=/home/yolo \
-    MPLCONFIGDIR=/home/yolo/.config/matplotlib \
-    YOLO_PIPELINE_GIT_SHA=${GIT_SHA}
+    MPLCONFIGDIR=/home/yolo/.config/matplotlib
 RUN python -c "import matplotlib; matplotlib.use('Agg'); import matplotlib.pyplot as plt; plt.figure()"
 WORKDIR /home/yolo
+
+# Declared last: a build argument is in the environment of every later RUN, so an earlier GIT_SHA would
+# make each commit a cache miss for the dependency layer.
+ARG VERSION=0.1.0
+ARG GIT_SHA=unknown
+LABEL org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${GIT_SHA}"
+ENV YOLO_PIPELINE_GIT_SHA=${GIT_SHA}
 
 # PID 1 is a small init (docker/init.py): it passes `docker stop`'s SIGTERM to every process, so the
 # trainer — a grandchild in a Kubeflow component — stops at a step boundary, writes last.pt and exits
