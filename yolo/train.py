@@ -31,6 +31,7 @@ from yolo.argtypes import float_between, int_at_least
 from yolo.engine import distributed as dist_utils
 from yolo.engine.checkpointing import CheckpointSink, capture_rng, restore_rng
 from yolo.engine.ema import ModelEMA, unwrap
+from yolo.engine.mirror import MidEpochMirror, interval_minutes
 from yolo.engine.optim import OPTIMIZERS, Schedule, build_optimizer, scaled_weight_decay
 from yolo.engine.preemption import EXIT_SIGTERM, StopRequested
 from yolo.errors import UserError
@@ -79,6 +80,7 @@ class TrainConfig:
     data_version: str | None = None
     tensorboard: bool = False
     checkpoint_uri: str | None = None
+    checkpoint_every: float | None = None  # minutes between mid-epoch last.pt; None: yolo.engine.mirror's default
     resume: str | None = None  # None: automatic; "": this run's own last.pt; else a DIR, file or URI
     sync_bn: bool = False
     trust_unverified: bool = False  # resume from a stored last.pt without a recorded SHA-256
@@ -155,6 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "{run_id} in it becomes the run identity (ROOT/{run_id}: restarts resume)")
     a("--resume", nargs="?", const="", default=None, metavar="DIR|URI",
       help="continue a run: its folder, last.pt or s3:// URI (no value: --out / --checkpoint-uri)")
+    a("--checkpoint-every", type=float_between(0), metavar="MINUTES",
+      help="also write last.pt mid-epoch every MINUTES (0: off; default 10 with a remote --checkpoint-uri, else off)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (GPU only)")
     a("--trust-unverified", action="store_true",
       help="resume from a stored last.pt that has no recorded SHA-256 (rewritten by another tool)")
@@ -291,6 +295,7 @@ class Trainer:
         self._resumed_epoch_seconds = 0.0  # time already spent in a mid-epoch-resumed epoch
 
         self.sink = CheckpointSink(cfg.checkpoint_uri if ctx.is_main else None)
+        self.mirror = MidEpochMirror(interval_minutes(cfg.checkpoint_uri, cfg.checkpoint_every) if ctx.is_main else 0)
         self.tb = self._tensorboard()
         if setup.resume_state is not None:
             self.load_training_state(setup.resume_state)
@@ -415,6 +420,8 @@ class Trainer:
                 self._close_bar(bar)
                 self._account_epoch_time(t_epoch)
                 return False
+            if i + 1 < self.nb and self.mirror.due():  # a node lost without SIGTERM costs <= N minutes
+                self.save_last()
             t_wait = time.perf_counter()
         self._close_bar(bar)
         self._account_epoch_time(t_epoch)
@@ -712,6 +719,7 @@ class Trainer:
         path = self.weights_dir / "last.pt"
         self.s.save_checkpoint(path, ckpt)
         self.sink.publish(path, "weights/last.pt")
+        self.mirror.reset()
 
     def save_best(self, epoch: int, metrics: dict[str, float] | None) -> None:
         ckpt = self.s.checkpoint_base(self.ema.ema, half=True)
