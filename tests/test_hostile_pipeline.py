@@ -180,6 +180,17 @@ def test_retrain_refuses_the_injection_from_the_production_params_file(tmp_path,
     assert not _git(repo, "tag", "-l", retrain.DEFAULT_TAG)  # nothing recorded as submitted
 
 
+def test_pytorchjob_refuses_the_injection_before_git_runs(tmp_path):
+    marker = tmp_path / "MARKER"
+    out = tmp_path / "job.yaml"
+    proc = _pipelines(
+        "pytorchjob", "--nodes", "2", "--gpus", "1", "--checkpoint-uri", "s3://b/c", "--out", str(out),
+        "--dataset-source", f"dvc://{upload_pack(marker)}#data", cwd=tmp_path,
+    )  # fmt: skip
+    assert "must not begin with '-'" in _one_error_line(proc)
+    assert not marker.exists() and not out.exists()
+
+
 def test_retrain_options_never_reach_git_as_options(tmp_path):
     repo = tmp_path / "project"
     repo.mkdir()
