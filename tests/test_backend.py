@@ -61,12 +61,14 @@ def _assert_same_rows(rows, reference, stems):
         assert np.abs(rows[stem] - reference[stem]).max() <= ROW_TOLERANCE, stem
 
 
+@pytest.mark.slow  # three exports of yolov5n shared by the module
 def test_dynamic_onnx_gives_the_pt_rows(tmp_path, exported, images, pt_rows):
     rows = _label_rows(exported["onnx-dynamic"], images, tmp_path / "out")
     assert sorted(rows) == sorted(pt_rows) and len(rows) == len(IMAGES_480x640 + OTHER_SHAPES)
     _assert_same_rows(rows, pt_rows, rows)  # every image, every shape
 
 
+@pytest.mark.slow  # three exports of yolov5n shared by the module
 @pytest.mark.parametrize("kind", ["onnx-fixed", "torchscript"])
 def test_fixed_shape_exports_give_the_pt_rows_at_their_shape_and_pad_smaller_images(tmp_path, exported, images,
                                                                                      pt_rows, kind):
@@ -79,6 +81,7 @@ def test_fixed_shape_exports_give_the_pt_rows_at_their_shape_and_pad_smaller_ima
     assert np.abs(confident[0][:, :5] - confident[1][:, :5]).max() < 0.01
 
 
+@pytest.mark.slow  # three exports of yolov5n shared by the module
 def test_fixed_shape_model_refuses_a_larger_input_and_splits_batches(exported):
     backend = load_backend(exported["onnx-fixed"], torch.device("cpu"))
     assert backend.meta.fixed_shape == (1, 3, 480, 640) and backend.meta.names[0] == "person"
@@ -90,6 +93,7 @@ def test_fixed_shape_model_refuses_a_larger_input_and_splits_batches(exported):
     assert together.shape == (3, 18900, 85) and torch.equal(together, one_by_one)
 
 
+@pytest.mark.slow  # three exports of yolov5n shared by the module
 def test_predict_imgsz_larger_than_the_export_and_augment_on_a_fixed_shape_are_refused(tmp_path, exported, images):
     with pytest.raises(UserError, match="pass --imgsz 480 640"):
         predict(PredictConfig(weights=str(exported["onnx-fixed"]), source=images, out=tmp_path / "o", device="cpu"))

@@ -12,6 +12,7 @@ from yolo.evaluate import EvalConfig, EvaluateStepConfig, evaluate_step
 from yolo.export import ExportConfig, export
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow  # exports and three evaluations of yolov5n
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,7 @@ class Backend:
         kind of model; its dtype is the model's (fp16 after model.half())."""
         param = next(model.parameters())
         dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        nc = int(model.model[-1].nc)
+        nc = int(_detect_head(model).nc)
         names = _names_list(names if names is not None else getattr(model, "names", None), nc)
         meta = ModelMeta("pytorch", max(int(model.stride.max()), 32), names, None, dtype)
         return cls(lambda x: model(x)[0], meta, param.device, module=model)
@@ -103,9 +103,15 @@ class Backend:
     def levels(self) -> int:
         """Detection levels: the model's own for a .pt; for an export, YOLOv5's layout of strides 8, 16, ...
         up to meta.stride (3 levels for P5 models, 4 for P6)."""
-        if self.module is not None:
-            return int(self.module.model[-1].nl)
+        if self.module is not None and hasattr(_detect_head(self.module), "nl"):
+            return int(_detect_head(self.module).nl)
         return round(math.log2(self.meta.stride)) - 2
+
+
+def _detect_head(model: torch.nn.Module):
+    """A DetectionModel's Detect layer (nc, nl); a stand-in model without one answers for itself."""
+    layers = getattr(model, "model", None)
+    return layers[-1] if isinstance(layers, torch.nn.Sequential) else model
 
 
 def load_backend(weights: str | os.PathLike, device: torch.device, half: bool = False) -> Backend:
