@@ -21,6 +21,7 @@ from yolo import train as train_step
 from yolo.engine.preemption import EXIT_SIGTERM, StopRequested
 from yolo.errors import UserError
 from yolo.hyp import Hyp, load_hyp
+from yolo.tune import PRUNE_AFTER_TRIALS
 from yolo.tune import study as tune_study
 from yolo.tune.space import load_space
 
@@ -116,8 +117,8 @@ def _results(path: Path, fitness: list[float]) -> None:
 
 def test_prune_check_reports_each_epoch_and_prunes_below_the_median(tmp_path):
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(
-        n_startup_trials=tune_study.PRUNE_AFTER_TRIALS, n_warmup_steps=0))  # fmt: skip
-    for _ in range(tune_study.PRUNE_AFTER_TRIALS):
+        n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=0))  # fmt: skip
+    for _ in range(PRUNE_AFTER_TRIALS):
         trial = study.ask()
         trial.report(0.5, 0)
         trial.report(0.6, 1)
