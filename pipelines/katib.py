@@ -40,6 +40,7 @@ from pipelines import pytorchjob
 from yolo.errors import UserError
 from yolo.files import write_text
 from yolo.hyp import Hyp, load_hyp
+from yolo.tune import PRUNE_AFTER_TRIALS, first_prunable_epoch
 from yolo.tune.space import DEFAULT_SPACE, SearchSpace, load_space
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1beta1", "experiments"
@@ -53,8 +54,6 @@ ADDITIONAL_METRICS = ["mAP50"]
 # Matches the train step's per-epoch log line: exactly two groups, metric name and value (Katib's rule).
 METRICS_FORMAT = r"(mAP50-95|mAP50)\s+([0-9]*\.?[0-9]+)"
 ALGORITHMS = {"tpe": "tpe", "random": "random", "evolve": "cmaes"}  # local --sampler -> Katib algorithm
-EARLY_STOP_AFTER_TRIALS = 2  # as the local median pruner: judge once two trials finished...
-EARLY_STOP_START_STEP = 1  # ...from the first epoch on
 RESERVED_TRAIN_FLAGS = ("--out", "--hyp", "--epochs", "--device", "--resume", "--checkpoint-uri", "--local-rank",
                         "--local_rank")  # fmt: skip
 JOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
@@ -232,8 +231,9 @@ def build_experiment(o: ExperimentOptions) -> dict[str, Any]:
             "algorithm": {"algorithmName": ALGORITHMS[o.sampler],
                           "algorithmSettings": [{"name": "random_state", "value": str(o.seed)}]},
             "earlyStopping": {"algorithmName": "medianstop", "algorithmSettings": [
-                {"name": "min_trials_required", "value": str(EARLY_STOP_AFTER_TRIALS)},
-                {"name": "start_step", "value": str(EARLY_STOP_START_STEP)}]},
+                # the local pruner's rule (yolo.tune): start_step counts epochs reported, from 1
+                {"name": "min_trials_required", "value": str(PRUNE_AFTER_TRIALS)},
+                {"name": "start_step", "value": str(first_prunable_epoch(o.epochs_per_trial) + 1)}]},
             "parallelTrialCount": o.parallel,
             "maxTrialCount": o.trials,
             "maxFailedTrialCount": o.max_failed,

@@ -86,6 +86,9 @@ def test_experiment_holds_the_v1beta1_fields_with_their_types(experiment):
         assert set(spec[key]) <= ALGORITHM_FIELDS and spec[key]["algorithmName"] in names
         assert all(set(s) == {"name", "value"} and isinstance(s["value"], str) for s in spec[key]["algorithmSettings"])
     assert spec["algorithm"]["algorithmName"] == "tpe"
+    # the local pruner's rule: after 2 finished trials, from the first third of the epochs (5 // 3 = 1) on
+    assert {s["name"]: s["value"] for s in spec["earlyStopping"]["algorithmSettings"]} == {
+        "min_trials_required": "2", "start_step": "2"}
 
     collector = spec["metricsCollectorSpec"]
     assert collector["collector"]["kind"] in COLLECTOR_KINDS

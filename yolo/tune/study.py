@@ -40,6 +40,7 @@ from yolo.engine.preemption import StopRequested
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_text
 from yolo.hyp import Hyp, load_hyp
+from yolo.tune import PRUNE_AFTER_TRIALS, first_prunable_epoch
 from yolo.tune.report import best_trial, trial_dir, write_plots, write_summary
 from yolo.tune.space import DEFAULT_SPACE, SearchSpace, load_space
 
@@ -49,7 +50,6 @@ STUDY_NAME = "yolo-tune"
 SAMPLERS = ("tpe", "random", "evolve")
 TPE_STARTUP_TRIALS = 4  # random trials before TPE models the rest (Optuna's 10 is most of a short study)
 EVOLVE_POPULATION = 8  # NSGA-II generation size for --sampler evolve
-PRUNE_AFTER_TRIALS = 2  # the median pruner judges only once this many trials have finished
 # train flags that tune sets per trial (or that make no sense for a trial)
 _SET_BY_TUNE = {"out", "epochs", "resume", "checkpoint_uri", "tensorboard"}
 
@@ -170,7 +170,8 @@ def open_study(cfg: TuneConfig, owner: str):
     try:
         study = optuna.create_study(
             study_name=STUDY_NAME, storage=cfg.storage_url, direction="maximize", load_if_exists=True,
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS, n_warmup_steps=0),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS,
+                                               n_warmup_steps=first_prunable_epoch(cfg.epochs_per_trial)),
         )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - driver missing, server unreachable, not a database, ...
         raise UserError(f"--storage {shown}: cannot open the study ({type(e).__name__}: {str(e).splitlines()[0]})") from None
