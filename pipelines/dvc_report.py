@@ -36,9 +36,9 @@ EPOCH_COLUMNS = {
     "metrics/precision": "precision",
     "metrics/recall": "recall",
 }
-# the confusion matrix is counted at a fixed confidence; more rows than this means a dataset far larger than
-# a DVC plot can draw, and the plot is left out (the matrix stays in runs/evaluate/confusion_matrix.json)
-MAX_CONFUSION_ROWS = 200_000
+# DVC's confusion template counts rows, one per (actual, predicted) count: ~1 MB of git per experiment at this
+# cap (a COCO-sized val split). Above it the plot is left out; the matrix stays in runs/evaluate/.
+MAX_CONFUSION_ROWS = 50_000
 
 
 def _read_json(path: Path) -> Any:

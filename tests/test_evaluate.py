@@ -301,6 +301,16 @@ def test_step_in_process_writes_everything_then_fails_min_map50(tmp_path, monkey
     assert code == 0
     gate = json.loads((tmp_path / "again" / "gate.json").read_text())
     assert gate["promote"] and gate["delta"]["fitness"] == 0 and gate["regressed_classes"] == []
+    assert metrics["cpu_threads"] == torch.get_num_threads()  # the thread rule's figure, recorded
+
+    # no criterion: a perfect model is still not promoted (exit 0, the reason printed) unless asked
+    capsys.readouterr()
+    args = ["evaluate", "--data", str(yaml), "--weights", "stand-in.pt", "--imgsz", "64", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "nogate")]) == 0
+    assert "do not promote (no gate configured" in capsys.readouterr().out
+    assert json.loads((tmp_path / "nogate" / "gate.json").read_text())["promote"] is False
+    assert main([*args, "--out", str(tmp_path / "asked"), "--promote-without-gate"]) == 0
+    assert json.loads((tmp_path / "asked" / "gate.json").read_text())["promote"] is True
 
 
 def test_cli_bad_device_and_empty_split_exit_2(cli, tmp_path):
