@@ -13,7 +13,7 @@ import logging
 import sys
 
 from yolo import __version__
-from yolo.errors import UserError
+from yolo.errors import UserError, escape_control
 
 EXIT_USER_ERROR = 2
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"yolo-pipeline {command}: error: {e}", file=sys.stderr)
+        print(f"yolo-pipeline {command}: error: {escape_control(str(e))}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"yolo-pipeline {command}: interrupted", file=sys.stderr)

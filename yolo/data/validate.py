@@ -26,7 +26,7 @@ from yolo.data.dataset import (
     scan_split,
 )
 from yolo.data.index import dataset_fingerprint, split_fingerprint, verify_split, write_index, yaml_hash
-from yolo.errors import UserError
+from yolo.errors import UserError, escape_control
 from yolo.files import prepare_out_dir, write_json, write_text
 
 LOGGER = logging.getLogger(__name__)
@@ -127,7 +127,6 @@ def validate(cfg: ValidateConfig) -> dict:
     return report
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 _MARKDOWN_SPECIAL = {ord(c): f"\\{c}" for c in "\\`*_[]<>!|#~&"}
 
 
@@ -135,7 +134,7 @@ def md_code(text: str) -> str:
     """`text` as one inline code span: control characters shown as escapes (a newline cannot end the
     line), fenced with more backticks than any run inside it (CommonMark), so nothing in a file name
     becomes Markdown."""
-    text = str(text).translate(_CONTROL)
+    text = escape_control(text)
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
@@ -145,7 +144,7 @@ def md_code(text: str) -> str:
 def md_text(text: str) -> str:
     """Plain text that stays plain in Markdown: control characters shown as escapes, markup characters
     backslash-escaped (messages quote bits of labels and file names)."""
-    return str(text).translate(_MARKDOWN_SPECIAL).translate(_CONTROL)
+    return escape_control(str(text).translate(_MARKDOWN_SPECIAL))
 
 
 def report_markdown(report: dict) -> str:
