@@ -65,6 +65,8 @@ MAX_IMAGE_BYTES = 600 * MiB
 MAX_LABEL_BYTES = 8 * MiB
 # A .txt list of a split's images: 2 M paths of 100 bytes.
 MAX_IMAGE_LIST_BYTES = 256 * MiB
+# validate's DIR/index/ (index.json, SPLIT.npz): for 2 M images, paths, hashes and boxes take ~1 GB.
+MAX_INDEX_BYTES = 4 * GiB
 # Folders whose files are not data on a disk: reading them hangs (/dev/zero, a FIFO), never ends, or
 # reports sizes that lie (/proc, /sys). A dataset root, a split source or any file that resolves into
 # one of them is refused.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
+import zipfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -85,6 +86,41 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> tup
         detail = f"has more than the {max_bytes} bytes a {what} may have: not read"
         raise InputRefused(TOO_LARGE, f"{what} {path} {detail}", detail)
     return data, st
+
+
+def check_zip_archive(path: str | os.PathLike, what: str, max_bytes: int,
+                      max_entries: int) -> list[zipfile.ZipInfo] | None:
+    """The entries of a zip archive (torch checkpoints, numpy .npz) whose budgets hold, checked from its
+    directory before any entry is inflated; None when the file is not a zip archive.
+
+    A regular file of at most max_bytes; at most max_entries entries (counted from the end record,
+    before the directory is parsed); all entries together declaring no more bytes than the file holds.
+    torch.save and np.savez store entries uncompressed, so every archive they write passes, while
+    deflated entries that would inflate to GiBs, or entries overlapping each other, do not."""
+    st = os.stat(path)
+    check_regular(st, path, max_bytes, what)
+    with open(path, "rb") as f:
+        try:
+            end = zipfile._EndRecData(f)  # the end-of-directory record: entry count before reading entries
+        except OSError:
+            end = None
+    if not end:
+        return None
+    entries = end[zipfile._ECD_ENTRIES_TOTAL]
+    if entries > max_entries:
+        raise InputRefused(TOO_LARGE, f"{what} {path}: the archive lists {entries} entries, more than the "
+                                      f"{max_entries} a {what} may have")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise UserError(f"{what} {path}: not a readable zip archive (truncated or corrupt?): {one_line(e)}") from None
+    declared = sum(info.file_size for info in infos)
+    if declared > st.st_size:
+        raise InputRefused(TOO_LARGE, f"{what} {path}: its entries declare {declared} bytes uncompressed, more "
+                                      f"than the file's own {st.st_size} (compressed or overlapping entries): "
+                                      "refused before inflating")
+    return infos
 
 
 # ---------------------------------------------------------------------------------------------- data trees

@@ -45,13 +45,15 @@ from yolo.data.dataset import (
     parse_label_bytes,
     relative_to_root,
 )
-from yolo.limits import MAX_IMAGE_BYTES, MAX_LABEL_BYTES
+from yolo.errors import one_line
+from yolo.limits import MAX_IMAGE_BYTES, MAX_INDEX_BYTES, MAX_LABEL_BYTES
 from yolo.untrusted import NOT_A_REGULAR_FILE as REFUSED_NOT_REGULAR
 from yolo.untrusted import (
     OUTSIDE_ROOT,
     TOO_LARGE,
     VIRTUAL_FILESYSTEM,
     InputRefused,
+    check_zip_archive,
     is_inside,
     read_regular_file,
 )
@@ -59,6 +61,7 @@ from yolo.untrusted import (
 LOGGER = logging.getLogger(__name__)
 INDEX_FORMAT = "yolo-pipeline-index"
 INDEX_VERSION = 1
+INDEX_MAX_ARRAYS = 64  # entries of a SPLIT.npz (it holds 12)
 PARALLEL_MIN_FILES = 32  # below this a pool costs more than it saves
 
 
@@ -384,7 +387,7 @@ def read_split_records(index_dir: Path, split: str, yaml_sha: str) -> dict[str, 
     """The stored records of `split` by relative path, or None (logged) when the index cannot be used."""
     meta_path = index_dir / "index.json"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular_file(meta_path, MAX_INDEX_BYTES, "index")[0].decode("utf-8"))
         if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
             raise ValueError(f"format {meta.get('format')} v{meta.get('version')}, need {INDEX_FORMAT} "
                              f"v{INDEX_VERSION}")
@@ -394,13 +397,16 @@ def read_split_records(index_dir: Path, split: str, yaml_sha: str) -> dict[str, 
         if split not in meta["splits"]:
             LOGGER.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
             return None
-        with np.load(index_dir / meta["splits"][split]["arrays"], allow_pickle=False) as z:
+        arrays_path = index_dir / str(meta["splits"][split]["arrays"])
+        if check_zip_archive(arrays_path, "index", MAX_INDEX_BYTES, INDEX_MAX_ARRAYS) is None:
+            raise ValueError(f"{arrays_path} is not an .npz archive")
+        with np.load(arrays_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError as e:
         raise UserError(f"index not found: {e.filename} (run `yolo-pipeline validate --out DIR` and pass "
                         f"DIR/index)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        LOGGER.warning(f"index {index_dir} is unreadable ({e}); verifying in-process")
+    except (OSError, ValueError, KeyError, TypeError, UserError) as e:
+        LOGGER.warning(f"index {index_dir} is unreadable ({one_line(e)}); verifying in-process")
         return None
     offsets = np.concatenate([[0], np.cumsum(arrays["box_count"])])
     problems: dict[int, list] = {}
