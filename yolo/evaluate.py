@@ -496,7 +496,8 @@ def _cpu_threads_for_load() -> None:
 
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
-    from yolo.data.dataset import load_data_config, load_split
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import load_split
     from yolo.device import select_device
 
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work

@@ -58,7 +58,7 @@ from yolo.untrusted import (
     read_regular_file,
 )
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 INDEX_FORMAT = "yolo-pipeline-index"
 INDEX_VERSION = 1
 INDEX_MAX_ARRAYS = 64  # entries of a SPLIT.npz (it holds 12)
@@ -241,7 +241,7 @@ def dataset_fingerprint_of(data: DataConfig, index_dir: str | os.PathLike | None
     fps = dict(known or {})
     for split in data.splits:
         if split not in fps:
-            fps[split] = build_split_index(data, split, index_dir).fingerprint
+            fps[split] = load_split(data, split, index_dir).fingerprint
     return dataset_fingerprint(yaml_hash(data), {s: fps[s] for s in data.splits})
 
 
@@ -265,7 +265,7 @@ def verify_split(data: DataConfig, split: str, images: list[Path] | None = None,
                       data.real_root))
         slots.append(i)
     if previous and tasks:
-        LOGGER.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
+        LOG.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
     desc = f"{split}: verifying {len(tasks)} images" if progress else None
     for slot, task, result in zip(slots, tasks, parallel_map(verify_file, tasks, workers, executor, desc),
                                   strict=True):
@@ -310,9 +310,10 @@ def split_index_from_records(data: DataConfig, split: str, records: list[FileRec
         fingerprint=fingerprint, skipped=[r.image for r in records if not r.usable], split=split)
 
 
-def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
-                      single_cls: bool = False) -> SplitIndex:
-    """load_split's body: reuse validate's index where it still holds, verify the rest in-process."""
+def load_split(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
+               single_cls: bool = False) -> SplitIndex:
+    """The verified usable images of `split`: from validate's index when it still matches the files on
+    disk (changed files are re-verified), else verified in-process (nothing written)."""
     yaml_sha = yaml_hash(data)
     previous = None
     if index_dir is not None:
@@ -327,7 +328,7 @@ def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike
         raise UserError(f"{data.yaml_path}: split `{split}` has no usable images ({len(index.skipped)} skipped; "
                         f"run `yolo-pipeline validate` for the reasons)")
     if index.skipped:
-        LOGGER.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
+        LOG.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
                     f"(see validate's report.json)")
     return index
 
@@ -392,10 +393,10 @@ def read_split_records(index_dir: Path, split: str, yaml_sha: str) -> dict[str, 
             raise ValueError(f"format {meta.get('format')} v{meta.get('version')}, need {INDEX_FORMAT} "
                              f"v{INDEX_VERSION}")
         if meta.get("data_yaml_sha256") != yaml_sha:
-            LOGGER.warning(f"index {index_dir} was built for a different data.yaml; verifying in-process")
+            LOG.warning(f"index {index_dir} was built for a different data.yaml; verifying in-process")
             return None
         if split not in meta["splits"]:
-            LOGGER.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
+            LOG.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
             return None
         arrays_path = index_dir / str(meta["splits"][split]["arrays"])
         if check_zip_archive(arrays_path, "index", MAX_INDEX_BYTES, INDEX_MAX_ARRAYS) is None:
@@ -406,7 +407,7 @@ def read_split_records(index_dir: Path, split: str, yaml_sha: str) -> dict[str, 
         raise UserError(f"index not found: {e.filename} (run `yolo-pipeline validate --out DIR` and pass "
                         f"DIR/index)") from None
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:
-        LOGGER.warning(f"index {index_dir} is unreadable ({one_line(e)}); verifying in-process")
+        LOG.warning(f"index {index_dir} is unreadable ({one_line(e)}); verifying in-process")
         return None
     offsets = np.concatenate([[0], np.cumsum(arrays["box_count"])])
     problems: dict[int, list] = {}

@@ -250,8 +250,8 @@ def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> No
 
 
 def _load_data(cfg):
-    from yolo.data.dataset import load_data_config, load_split
-    from yolo.data.index import dataset_fingerprint_of
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import dataset_fingerprint_of, load_split
 
     data = load_data_config(cfg.data)
     for split in ("train", "val"):
