@@ -29,7 +29,7 @@ from yolo.data.index import dataset_fingerprint, split_fingerprint, verify_split
 from yolo.errors import UserError, escape_control
 from yolo.files import prepare_out_dir, write_json, write_text
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 DEFAULT_MAX_BAD_FRACTION = 0.05  # a split with more than 5 % unusable images fails the step
 REPORT_MD_FILES_PER_CODE = 10
 
@@ -104,7 +104,7 @@ def validate(cfg: ValidateConfig) -> dict:
             "boxes": int(sum(len(r.labels) for r in usable)), "skipped": skipped,
             "problems": len(split_problems), "fingerprint": split_fps[split]}
         problems += split_problems
-        LOGGER.info(f"{split}: {len(records)} images, {len(usable)} usable, {splits[split]['backgrounds']} "
+        LOG.info(f"{split}: {len(records)} images, {len(usable)} usable, {splits[split]['backgrounds']} "
                     f"backgrounds, {splits[split]['boxes']} boxes, {len(split_problems)} problems")
 
     fatal = [p for p in problems if p["action"] == FATAL]
@@ -123,7 +123,7 @@ def validate(cfg: ValidateConfig) -> dict:
     if not ok:
         more = f" (+{len(fatal) - 1} more)" if len(fatal) > 1 else ""
         raise UserError(f"{fatal[0]['code']}: {fatal[0]['message']}{more}; see {out / 'report.json'}")
-    LOGGER.info(f"dataset fingerprint {fingerprint}; report {out / 'report.json'}")
+    LOG.info(f"dataset fingerprint {fingerprint}; report {out / 'report.json'}")
     return report
 
 
