@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
 from yolo.data.dataset import (
     IMAGE_TOO_LARGE,
@@ -168,8 +170,6 @@ def available_cpus() -> int:
 
 
 def _init_worker() -> None:
-    import cv2
-
     cv2.setNumThreads(1)  # one decode per worker; the pool provides the parallelism
 
 
@@ -182,8 +182,6 @@ def parallel_map(fn: Callable, tasks: list, workers: int = 0, executor: str = "t
     """
     workers = max(1, min(workers or available_cpus(), len(tasks)))
     if progress is not None:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(tasks), desc=progress, unit="img", leave=False, disable=None, dynamic_ncols=True)
     else:
         bar = None

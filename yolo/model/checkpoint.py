@@ -16,7 +16,10 @@ from yolo.errors import UserError, one_line
 from yolo.files import atomic_path
 from yolo.limits import MAX_CHECKPOINT_VALUES, MAX_CLASSES
 from yolo.model.archive import check_checkpoint_file
+from yolo.model.download import resolve_weights
+from yolo.model.transfer import transfer_state
 from yolo.model.upstream import import_upstream, restricted_load
+from yolo.model.yolo import DetectionModel
 from yolo.untrusted import check_data_tree, short_repr
 
 LOG = logging.getLogger(__name__)
@@ -87,8 +90,6 @@ def _torch_load(path: Path) -> Any:
 
 def load_checkpoint(path_or_name: str | os.PathLike) -> dict:
     """Our checkpoint dict from a file, an official name (`yolov5s.pt`) or a URL; upstream files imported."""
-    from yolo.model.download import resolve_weights
-
     path = resolve_weights(path_or_name)
     if path.is_dir():
         raise UserError(f"weights {path} is a folder, expected a .pt file")
@@ -142,9 +143,6 @@ def _validated(ckpt: Any, path: Path) -> dict:
 
 def model_from_checkpoint(ckpt: dict, nc: int | None = None, anchors: Any = None):
     """Rebuild the DetectionModel (fp32) from a checkpoint; nc/anchors overrides rebuild and transfer."""
-    from yolo.model.transfer import transfer_state
-    from yolo.model.yolo import DetectionModel
-
     cfg, state = ckpt["cfg"], ckpt["model"]
     same_nc = nc is None or int(nc) == int(cfg.get("nc", -1))
     if same_nc and anchors is None:
