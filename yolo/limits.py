@@ -22,6 +22,10 @@ MAX_YAML_NODES = 200_000
 # layer row, args, anchor row). Deeper nesting only exists to exhaust the recursion of a parser.
 MAX_DATA_DEPTH = 32
 
+# JSON a user hands a step (anchors.json, a baseline metrics.json): a metrics.json with 10 000 classes
+# is ~3 MB.
+MAX_JSON_BYTES = 64 * MiB
+
 # ---------------------------------------------------------------------------------------------- classes
 # LVIS has 1203 classes, Open Images 601. 10 000 keeps the Detect head of yolov5x under 0.3 GB (fp32)
 # while an `nc: 1000000000000` of a few bytes would ask for terabytes.

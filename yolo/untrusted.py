@@ -11,6 +11,7 @@ A refusal is an `InputRefused` (a UserError: one line, exit 2) that carries a st
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import zipfile
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from yolo.errors import UserError, one_line
-from yolo.limits import MAX_DATA_DEPTH, MAX_YAML_BYTES, MAX_YAML_NODES, VIRTUAL_FILESYSTEMS
+from yolo.limits import MAX_DATA_DEPTH, MAX_JSON_BYTES, MAX_YAML_BYTES, MAX_YAML_NODES, VIRTUAL_FILESYSTEMS
 
 NOT_A_REGULAR_FILE = "not_a_regular_file"
 TOO_LARGE = "too_large"
@@ -204,6 +205,28 @@ def _node_children(node: yaml.Node) -> Iterable[yaml.Node] | None:
     if isinstance(node, yaml.SequenceNode):
         return node.value
     return None
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parsed JSON of a regular file of at most max_bytes, nested at most MAX_DATA_DEPTH deep; one-line
+    UserError naming `what` and the file otherwise (json's parser recurses: deep nesting must not
+    end in a RecursionError)."""
+    try:
+        data, _ = read_regular_file(path, max_bytes, what)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{what} {path}: nested more than {MAX_DATA_DEPTH} levels deep") from None
+    check_data_tree(obj, f"{what} {path}")
+    return obj
 
 
 class InvalidYaml(UserError):
