@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from yolo.data.dataset import load_data_config, load_split
+from yolo.data.dataset import load_data_config
+from yolo.data.index import load_split
 from yolo.errors import UserError
 from yolo.evaluate import (
     EvalConfig,

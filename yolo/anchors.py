@@ -10,7 +10,6 @@ keeps the fittest.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from yolo.errors import UserError
+from yolo.untrusted import read_json_file
 
 LOGGER = logging.getLogger(__name__)
 PREFIX = "autoanchor: "
@@ -369,14 +369,7 @@ def fit_anchors(shapes_hw: np.ndarray, labels: Sequence[np.ndarray], anchors_px:
 def load_anchors_json(path: str | os.PathLike) -> tuple[int, np.ndarray]:
     """(imgsz, anchors px (nl, na*2)) from an anchors.json; UserError naming the file on any problem."""
     path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"anchors file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"anchors file {path}, line {e.lineno}: not valid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read anchors file {path}: {e}") from None
+    obj = read_json_file(path, "anchors file")
     if not isinstance(obj, dict) or "anchors" not in obj or "imgsz" not in obj:
         raise UserError(f"anchors file {path}: expected an object with `imgsz` and `anchors` (from the stats step)")
     imgsz, rows = obj["imgsz"], obj["anchors"]

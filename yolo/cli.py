@@ -15,7 +15,7 @@ import sys
 import threading
 
 from yolo import __version__
-from yolo.errors import UserError
+from yolo.errors import UserError, escape_control
 from yolo.files import environment_error
 from yolo.redact import RedactFilter, redact
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[1:])
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"yolo-pipeline {command}: error: {redact(str(e))}", file=sys.stderr)
+        print(f"yolo-pipeline {command}: error: {redact(escape_control(str(e)))}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
     except (OSError, RuntimeError) as error:
         e = environment_error(error)

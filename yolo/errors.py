@@ -5,6 +5,13 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+def escape_control(text: str) -> str:
+    """Control characters (a newline in a file name, ...) shown as escapes: the text stays on one line."""
+    return str(text).translate(_CONTROL)
+
 
 class UserError(Exception):
     """Bad input, a bad option or a failed gate: the CLI prints one line and exits 2."""

@@ -513,7 +513,8 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
 
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
-    from yolo.data.dataset import load_data_config, load_split
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import load_split
     from yolo.device import cpu_threads, select_device
 
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work

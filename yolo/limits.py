@@ -22,6 +22,10 @@ MAX_YAML_NODES = 200_000
 # layer row, args, anchor row). Deeper nesting only exists to exhaust the recursion of a parser.
 MAX_DATA_DEPTH = 32
 
+# JSON a user hands a step (anchors.json, a baseline metrics.json): a metrics.json with 10 000 classes
+# is ~3 MB.
+MAX_JSON_BYTES = 64 * MiB
+
 # ---------------------------------------------------------------------------------------------- classes
 # LVIS has 1203 classes, Open Images 601. 10 000 keeps the Detect head of yolov5x under 0.3 GB (fp32)
 # while an `nc: 1000000000000` of a few bytes would ask for terabytes.
@@ -65,6 +69,8 @@ MAX_IMAGE_BYTES = 600 * MiB
 MAX_LABEL_BYTES = 8 * MiB
 # A .txt list of a split's images: 2 M paths of 100 bytes.
 MAX_IMAGE_LIST_BYTES = 256 * MiB
+# validate's DIR/index/ (index.json, SPLIT.npz): for 2 M images, paths, hashes and boxes take ~1 GB.
+MAX_INDEX_BYTES = 4 * GiB
 # Folders whose files are not data on a disk: reading them hangs (/dev/zero, a FIFO), never ends, or
 # reports sizes that lie (/proc, /sys). A dataset root, a split source or any file that resolves into
 # one of them is refused.

@@ -11,15 +11,17 @@ A refusal is an `InputRefused` (a UserError: one line, exit 2) that carries a st
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import zipfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
 
 from yolo.errors import UserError, one_line
-from yolo.limits import MAX_DATA_DEPTH, MAX_YAML_BYTES, MAX_YAML_NODES, VIRTUAL_FILESYSTEMS
+from yolo.limits import MAX_DATA_DEPTH, MAX_JSON_BYTES, MAX_YAML_BYTES, MAX_YAML_NODES, VIRTUAL_FILESYSTEMS
 
 NOT_A_REGULAR_FILE = "not_a_regular_file"
 TOO_LARGE = "too_large"
@@ -85,6 +87,41 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> tup
         detail = f"has more than the {max_bytes} bytes a {what} may have: not read"
         raise InputRefused(TOO_LARGE, f"{what} {path} {detail}", detail)
     return data, st
+
+
+def check_zip_archive(path: str | os.PathLike, what: str, max_bytes: int,
+                      max_entries: int) -> list[zipfile.ZipInfo] | None:
+    """The entries of a zip archive (torch checkpoints, numpy .npz) whose budgets hold, checked from its
+    directory before any entry is inflated; None when the file is not a zip archive.
+
+    A regular file of at most max_bytes; at most max_entries entries (counted from the end record,
+    before the directory is parsed); all entries together declaring no more bytes than the file holds.
+    torch.save and np.savez store entries uncompressed, so every archive they write passes, while
+    deflated entries that would inflate to GiBs, or entries overlapping each other, do not."""
+    st = os.stat(path)
+    check_regular(st, path, max_bytes, what)
+    with open(path, "rb") as f:
+        try:
+            end = zipfile._EndRecData(f)  # the end-of-directory record: entry count before reading entries
+        except OSError:
+            end = None
+    if not end:
+        return None
+    entries = end[zipfile._ECD_ENTRIES_TOTAL]
+    if entries > max_entries:
+        raise InputRefused(TOO_LARGE, f"{what} {path}: the archive lists {entries} entries, more than the "
+                                      f"{max_entries} a {what} may have")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise UserError(f"{what} {path}: not a readable zip archive (truncated or corrupt?): {one_line(e)}") from None
+    declared = sum(info.file_size for info in infos)
+    if declared > st.st_size:
+        raise InputRefused(TOO_LARGE, f"{what} {path}: its entries declare {declared} bytes uncompressed, more "
+                                      f"than the file's own {st.st_size} (compressed or overlapping entries): "
+                                      "refused before inflating")
+    return infos
 
 
 # ---------------------------------------------------------------------------------------------- data trees
@@ -168,6 +205,28 @@ def _node_children(node: yaml.Node) -> Iterable[yaml.Node] | None:
     if isinstance(node, yaml.SequenceNode):
         return node.value
     return None
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parsed JSON of a regular file of at most max_bytes, nested at most MAX_DATA_DEPTH deep; one-line
+    UserError naming `what` and the file otherwise (json's parser recurses: deep nesting must not
+    end in a RecursionError)."""
+    try:
+        data, _ = read_regular_file(path, max_bytes, what)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot read: {e.strerror or e}") from None
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path}, line {e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{what} {path}: nested more than {MAX_DATA_DEPTH} levels deep") from None
+    check_data_tree(obj, f"{what} {path}")
+    return obj
 
 
 class InvalidYaml(UserError):

@@ -1,7 +1,8 @@
 """Reading a YOLO dataset: data.yaml, the image list of a split, and the checks on one image/label pair.
 
 Everything here is pure (reads, never writes). `yolo/data/index.py` runs the per-file checks in
-parallel and keeps the verified index; `load_split` is the one entry point the later steps use.
+parallel, keeps the verified index and has `load_split`, the one entry point the later steps use (it
+sits above this module: index imports dataset, never the reverse).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from yolo.untrusted import (
     read_yaml_file,
 )
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 
 # upstream's IMG_FORMATS plus the netpbm/JPEG-2000 files OpenCV also reads
 IMG_FORMATS = frozenset({"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pbm", "pgm", "ppm",
@@ -286,7 +287,7 @@ def list_split_images(data: DataConfig, split: str) -> list[Path]:
     """The image files of a split (scan_split's images; folders not followed are logged)."""
     listing = scan_split(data, split)
     for code, path, message in listing.refused:
-        LOGGER.warning(f"{split}: {path}: {message} ({code})")
+        LOG.warning(f"{split}: {path}: {message} ({code})")
     return listing.images
 
 
@@ -439,13 +440,3 @@ def _is_float(token: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------- entry point
-def load_split(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
-               single_cls: bool = False) -> SplitIndex:
-    """The verified usable images of `split`: from validate's index when it still matches the files on
-    disk (changed files are re-verified), else verified in-process (nothing written)."""
-    from yolo.data.index import build_split_index  # index.py imports this module
-
-    return build_split_index(data, split, index_dir=index_dir, single_cls=single_cls)

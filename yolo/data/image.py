@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import struct
-import warnings
 from pathlib import Path
 
 import cv2
@@ -16,10 +15,10 @@ from yolo.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from yolo.untrusted import TOO_LARGE, InputRefused, read_regular_file
 
 JPEG_START = b"\xff\xd8\xff"
-# Pillow warns about images over half its bomb threshold; MAX_IMAGE_PIXELS is this pipeline's own limit
-# (checked on every header read here), so the warning would only repeat it. Set once: catch_warnings()
-# is not thread-safe, and headers are read in a thread pool.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Pillow's own decompression-bomb check (a warning, then an error at twice its limit) is switched off:
+# every header read here is checked against MAX_IMAGE_PIXELS (the same number as Pillow's error), and
+# with Pillow's check the size of a refused image could not be reported.
+Image.MAX_IMAGE_PIXELS = None
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
 
 
@@ -47,8 +46,6 @@ def image_header_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
-    except Image.DecompressionBombError:
-        return (MAX_IMAGE_PIXELS + 1, 1)
     except (OSError, ValueError, SyntaxError, TypeError, IndexError, struct.error, EOFError):
         return _jpeg_frame_size(data) if data[:3] == JPEG_START else None
 

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
 from yolo.data.dataset import (
     IMAGE_TOO_LARGE,
@@ -45,20 +47,23 @@ from yolo.data.dataset import (
     parse_label_bytes,
     relative_to_root,
 )
-from yolo.limits import MAX_IMAGE_BYTES, MAX_LABEL_BYTES
+from yolo.errors import one_line
+from yolo.limits import MAX_IMAGE_BYTES, MAX_INDEX_BYTES, MAX_LABEL_BYTES
 from yolo.untrusted import NOT_A_REGULAR_FILE as REFUSED_NOT_REGULAR
 from yolo.untrusted import (
     OUTSIDE_ROOT,
     TOO_LARGE,
     VIRTUAL_FILESYSTEM,
     InputRefused,
+    check_zip_archive,
     is_inside,
     read_regular_file,
 )
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 INDEX_FORMAT = "yolo-pipeline-index"
 INDEX_VERSION = 1
+INDEX_MAX_ARRAYS = 64  # entries of a SPLIT.npz (it holds 12)
 PARALLEL_MIN_FILES = 32  # below this a pool costs more than it saves
 
 
@@ -165,8 +170,6 @@ def available_cpus() -> int:
 
 
 def _init_worker() -> None:
-    import cv2
-
     cv2.setNumThreads(1)  # one decode per worker; the pool provides the parallelism
 
 
@@ -179,8 +182,6 @@ def parallel_map(fn: Callable, tasks: list, workers: int = 0, executor: str = "t
     """
     workers = max(1, min(workers or available_cpus(), len(tasks)))
     if progress is not None:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(tasks), desc=progress, unit="img", leave=False, disable=None, dynamic_ncols=True)
     else:
         bar = None
@@ -238,7 +239,7 @@ def dataset_fingerprint_of(data: DataConfig, index_dir: str | os.PathLike | None
     fps = dict(known or {})
     for split in data.splits:
         if split not in fps:
-            fps[split] = build_split_index(data, split, index_dir).fingerprint
+            fps[split] = load_split(data, split, index_dir).fingerprint
     return dataset_fingerprint(yaml_hash(data), {s: fps[s] for s in data.splits})
 
 
@@ -262,7 +263,7 @@ def verify_split(data: DataConfig, split: str, images: list[Path] | None = None,
                       data.real_root))
         slots.append(i)
     if previous and tasks:
-        LOGGER.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
+        LOG.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
     desc = f"{split}: verifying {len(tasks)} images" if progress else None
     for slot, task, result in zip(slots, tasks, parallel_map(verify_file, tasks, workers, executor, desc),
                                   strict=True):
@@ -307,9 +308,10 @@ def split_index_from_records(data: DataConfig, split: str, records: list[FileRec
         fingerprint=fingerprint, skipped=[r.image for r in records if not r.usable], split=split)
 
 
-def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
-                      single_cls: bool = False) -> SplitIndex:
-    """load_split's body: reuse validate's index where it still holds, verify the rest in-process."""
+def load_split(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
+               single_cls: bool = False) -> SplitIndex:
+    """The verified usable images of `split`: from validate's index when it still matches the files on
+    disk (changed files are re-verified), else verified in-process (nothing written)."""
     yaml_sha = yaml_hash(data)
     previous = None
     if index_dir is not None:
@@ -324,7 +326,7 @@ def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike
         raise UserError(f"{data.yaml_path}: split `{split}` has no usable images ({len(index.skipped)} skipped; "
                         f"run `yolo-pipeline validate` for the reasons)")
     if index.skipped:
-        LOGGER.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
+        LOG.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
                     f"(see validate's report.json)")
     return index
 
@@ -384,23 +386,26 @@ def read_split_records(index_dir: Path, split: str, yaml_sha: str) -> dict[str, 
     """The stored records of `split` by relative path, or None (logged) when the index cannot be used."""
     meta_path = index_dir / "index.json"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular_file(meta_path, MAX_INDEX_BYTES, "index")[0].decode("utf-8"))
         if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
             raise ValueError(f"format {meta.get('format')} v{meta.get('version')}, need {INDEX_FORMAT} "
                              f"v{INDEX_VERSION}")
         if meta.get("data_yaml_sha256") != yaml_sha:
-            LOGGER.warning(f"index {index_dir} was built for a different data.yaml; verifying in-process")
+            LOG.warning(f"index {index_dir} was built for a different data.yaml; verifying in-process")
             return None
         if split not in meta["splits"]:
-            LOGGER.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
+            LOG.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
             return None
-        with np.load(index_dir / meta["splits"][split]["arrays"], allow_pickle=False) as z:
+        arrays_path = index_dir / str(meta["splits"][split]["arrays"])
+        if check_zip_archive(arrays_path, "index", MAX_INDEX_BYTES, INDEX_MAX_ARRAYS) is None:
+            raise ValueError(f"{arrays_path} is not an .npz archive")
+        with np.load(arrays_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError as e:
         raise UserError(f"index not found: {e.filename} (run `yolo-pipeline validate --out DIR` and pass "
                         f"DIR/index)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        LOGGER.warning(f"index {index_dir} is unreadable ({e}); verifying in-process")
+    except (OSError, ValueError, KeyError, TypeError, UserError) as e:
+        LOG.warning(f"index {index_dir} is unreadable ({one_line(e)}); verifying in-process")
         return None
     offsets = np.concatenate([[0], np.cumsum(arrays["box_count"])])
     problems: dict[int, list] = {}

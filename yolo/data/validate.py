@@ -26,10 +26,10 @@ from yolo.data.dataset import (
     scan_split,
 )
 from yolo.data.index import dataset_fingerprint, split_fingerprint, verify_split, write_index, yaml_hash
-from yolo.errors import UserError
+from yolo.errors import UserError, escape_control
 from yolo.files import prepare_out_dir, write_json, write_text
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 DEFAULT_MAX_BAD_FRACTION = 0.05  # a split with more than 5 % unusable images fails the step
 REPORT_MD_FILES_PER_CODE = 10
 
@@ -104,7 +104,7 @@ def validate(cfg: ValidateConfig) -> dict:
             "boxes": int(sum(len(r.labels) for r in usable)), "skipped": skipped,
             "problems": len(split_problems), "fingerprint": split_fps[split]}
         problems += split_problems
-        LOGGER.info(f"{split}: {len(records)} images, {len(usable)} usable, {splits[split]['backgrounds']} "
+        LOG.info(f"{split}: {len(records)} images, {len(usable)} usable, {splits[split]['backgrounds']} "
                     f"backgrounds, {splits[split]['boxes']} boxes, {len(split_problems)} problems")
 
     fatal = [p for p in problems if p["action"] == FATAL]
@@ -123,11 +123,10 @@ def validate(cfg: ValidateConfig) -> dict:
     if not ok:
         more = f" (+{len(fatal) - 1} more)" if len(fatal) > 1 else ""
         raise UserError(f"{fatal[0]['code']}: {fatal[0]['message']}{more}; see {out / 'report.json'}")
-    LOGGER.info(f"dataset fingerprint {fingerprint}; report {out / 'report.json'}")
+    LOG.info(f"dataset fingerprint {fingerprint}; report {out / 'report.json'}")
     return report
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 _MARKDOWN_SPECIAL = {ord(c): f"\\{c}" for c in "\\`*_[]<>!|#~&"}
 
 
@@ -135,7 +134,7 @@ def md_code(text: str) -> str:
     """`text` as one inline code span: control characters shown as escapes (a newline cannot end the
     line), fenced with more backticks than any run inside it (CommonMark), so nothing in a file name
     becomes Markdown."""
-    text = str(text).translate(_CONTROL)
+    text = escape_control(text)
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * (longest + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
@@ -145,7 +144,7 @@ def md_code(text: str) -> str:
 def md_text(text: str) -> str:
     """Plain text that stays plain in Markdown: control characters shown as escapes, markup characters
     backslash-escaped (messages quote bits of labels and file names)."""
-    return str(text).translate(_MARKDOWN_SPECIAL).translate(_CONTROL)
+    return escape_control(str(text).translate(_MARKDOWN_SPECIAL))
 
 
 def report_markdown(report: dict) -> str:

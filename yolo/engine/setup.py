@@ -305,8 +305,8 @@ def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> No
 
 
 def _load_data(cfg):
-    from yolo.data.dataset import load_data_config, load_split
-    from yolo.data.index import dataset_fingerprint_of
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import dataset_fingerprint_of, load_split
 
     data = load_data_config(cfg.data)
     for split in ("train", "val"):
@@ -407,8 +407,12 @@ def _freeze(model: torch.nn.Module, freeze: list[int]) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------------------------- resume
 def _read_last(path: Path) -> dict[str, Any]:
+    from yolo.model.checkpoint import load_weights_only  # budgets checked before anything is inflated
+
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(path)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which and why
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or "train" not in ckpt or "run_id" not in ckpt:

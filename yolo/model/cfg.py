@@ -9,6 +9,7 @@ import yaml
 
 from yolo.errors import UserError, did_you_mean
 from yolo.limits import MAX_CFG_LAYERS
+from yolo.model.yolo import LAYERS  # the registry of layer names the builder knows
 from yolo.untrusted import InvalidYaml, parse_yaml, read_yaml_file, short_repr
 
 CFG_DIR = Path(__file__).resolve().parent / "cfg"
@@ -34,8 +35,6 @@ def find_cfg(name_or_path: str | os.PathLike) -> Path:
 
 def load_cfg(name_or_path: str | os.PathLike) -> dict:
     """Read and check a model cfg (safe yaml within budgets); UserError naming file and line on any problem."""
-    from yolo.model.yolo import LAYERS  # the registry of layer names the builder knows
-
     path = find_cfg(name_or_path)
     try:
         cfg, root = parse_yaml(read_yaml_file(path, "model cfg"), f"model cfg {path}")

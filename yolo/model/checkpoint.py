@@ -16,7 +16,10 @@ from yolo.errors import UserError, one_line
 from yolo.files import atomic_path
 from yolo.limits import MAX_CHECKPOINT_VALUES, MAX_CLASSES
 from yolo.model.archive import check_checkpoint_file
+from yolo.model.download import resolve_weights
+from yolo.model.transfer import transfer_state
 from yolo.model.upstream import import_upstream, restricted_load
+from yolo.model.yolo import DetectionModel
 from yolo.untrusted import check_data_tree, short_repr
 
 LOG = logging.getLogger(__name__)
@@ -69,26 +72,30 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
 
 def load_weights_only(path: Path) -> Any:
     """torch.load(weights_only=True) of a file whose budgets passed first (yolo/model/archive.py): no
-    entry is inflated or allocated before its declared size is known to fit. pickle.UnpicklingError
-    passes through (a pickle naming classes: the caller may try the restricted unpickler)."""
+    entry is inflated or allocated before its declared size is known to fit; what it holds is then
+    checked for cycles, shared-reference bombs and tensors larger than their storage. The one way any
+    step reads a .pt without the restricted unpickler (resume's last.pt included). UserError otherwise;
+    pickle.UnpicklingError passes through (a pickle naming classes: try the restricted unpickler)."""
     if not check_checkpoint_file(path):
-        raise UserError(f"{path}: not a checkpoint (a torch checkpoint is a zip archive)")
+        raise UserError(f"{path}: not a readable checkpoint (not a zip archive, as torch writes them)")
     return _torch_load(path)
 
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {one_line(e)}") from None
+    # before anything reads, copies or prints it: no cycles, no shared-reference bombs, no huge views
+    check_data_tree(obj, str(path), max_nodes=MAX_CHECKPOINT_VALUES)
+    check_tensor_views(obj, str(path))
+    return obj
 
 
 def load_checkpoint(path_or_name: str | os.PathLike) -> dict:
     """Our checkpoint dict from a file, an official name (`yolov5s.pt`) or a URL; upstream files imported."""
-    from yolo.model.download import resolve_weights
-
     path = resolve_weights(path_or_name)
     if path.is_dir():
         raise UserError(f"weights {path} is a folder, expected a .pt file")
@@ -123,9 +130,6 @@ def check_tensor_views(obj: Any, where: str) -> None:
 def _validated(ckpt: Any, path: Path) -> dict:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
-    # before anything reads, copies or prints it: no cycles, no shared-reference bombs, no huge views
-    check_data_tree(ckpt, str(path), max_nodes=MAX_CHECKPOINT_VALUES)
-    check_tensor_views(ckpt, str(path))
     fmt = ckpt.get("format")
     if fmt != FORMAT:
         if isinstance(fmt, str) and fmt.startswith("yolo-pipeline/"):
@@ -142,9 +146,6 @@ def _validated(ckpt: Any, path: Path) -> dict:
 
 def model_from_checkpoint(ckpt: dict, nc: int | None = None, anchors: Any = None):
     """Rebuild the DetectionModel (fp32) from a checkpoint; nc/anchors overrides rebuild and transfer."""
-    from yolo.model.transfer import transfer_state
-    from yolo.model.yolo import DetectionModel
-
     cfg, state = ckpt["cfg"], ckpt["model"]
     same_nc = nc is None or int(nc) == int(cfg.get("nc", -1))
     if same_nc and anchors is None:

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
 def convert(config: ConvertConfig) -> dict:
     """Read, rebuild (which checks weights against cfg) and write atomically; returns the written dict."""
+    # torch-heavy: imported once the arguments parsed (`convert --help` stays fast, as every step)
     from yolo.engine.checkpointing import write_checkpoint
     from yolo.model.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint
 

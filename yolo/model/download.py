@@ -14,6 +14,7 @@ from pathlib import Path
 
 from yolo.errors import UserError, did_you_mean
 from yolo.files import atomic_path
+from yolo.limits import MAX_CHECKPOINT_BYTES
 
 LOG = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0"
@@ -82,12 +83,18 @@ def download(url: str, kind: str = "weights") -> Path:
         request = urllib.request.Request(clean_url, headers={"User-Agent": "yolo-pipeline"})
         with urllib.request.urlopen(request, timeout=timeout) as response, atomic_path(target) as tmp:
             expected_size = response.headers.get("Content-Length")
+            if expected_size is not None and int(expected_size) > MAX_CHECKPOINT_BYTES:
+                raise UserError(f"cannot download {clean_url}: {expected_size} bytes, more than the "
+                                f"{MAX_CHECKPOINT_BYTES} a checkpoint may have")
             digest, size = hashlib.sha256(), 0
             with open(tmp, "wb") as f:
                 while chunk := response.read(CHUNK):
                     f.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
+                    if size > MAX_CHECKPOINT_BYTES:  # a server that sends no length, or lies about it
+                        raise UserError(f"cannot download {clean_url}: more than the {MAX_CHECKPOINT_BYTES} "
+                                        "bytes a checkpoint may have")
             if expected_size is not None and size != int(expected_size):
                 raise UserError(f"cannot download {clean_url}: incomplete, {size} of {expected_size} bytes")
             if size == 0:
