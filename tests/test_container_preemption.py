@@ -55,6 +55,9 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
     pipeline = compile_pipeline(tmp_path / "pipeline.yaml")
     client = _s3(s3_env)
     env = s3_server.env()  # AWS_ENDPOINT_URL (loopback) and dummy credentials
+    # One intra-op thread in every run: --deterministic keeps the thread count fixed (it changes float
+    # summation order), and on a busy 2-core machine two threads are many times slower than one.
+    env["OMP_NUM_THREADS"] = "1"
     root = tmp_path / "kfp"  # one pipeline root: the later runs' import, validate and stats are cache hits
 
     def params(checkpoints: str) -> dict:
