@@ -3,11 +3,13 @@ per task, as the image's user (uid 1000). Used by the container tests (a child p
 and kfp.local's global settings stay its own):
 
     python -m tests.container_pipeline --pipeline pipeline.yaml --root DIR --params '{"epochs": 1, ...}'
-        [--network none|host] [--env NAME=VALUE ...] [--label TAG] [--cache DIR]
+        [--network none|host] [--env NAME=VALUE ...] [--label NAME]
 
-Writes DIR/outputs.json: the pipeline outputs (path and metadata of each). DockerRunner quirks handled
-here: the pipeline root must be writable by uid 1000 (made so), and a task whose auto-removed container
-could not be waited on is reported as exit 0 (so the tests check every task's outputs themselves).
+Runs share DIR (pipeline root DIR/artifacts, kfp.local's cache DIR/cache): a cache hit refers to an earlier
+run's artifacts, which a container sees only under the pipeline root it mounts. Writes DIR/NAME.json: the
+pipeline outputs (path and metadata of each). DockerRunner quirks handled here: the pipeline root must be
+writable by uid 1000 (made so), and a task whose auto-removed container could not be waited on is reported
+as exit 0 (so the tests check every task's outputs themselves).
 """
 
 from __future__ import annotations
@@ -38,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="{}", help="pipeline arguments as a JSON object")
     p.add_argument("--network", default="none", help="docker network of every task: none or host")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--label", default="e2e", help=f"value of the {LABEL} label on the task containers")
-    p.add_argument("--cache", type=Path, help="kfp.local's cache folder (default ROOT/cache)")
+    p.add_argument("--label", default="e2e", help=f"this run's name: the {LABEL} label of its containers")
     args = p.parse_args(argv)
 
     import kfp.local
@@ -57,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         pipeline_root=str(artifacts),
         raise_on_error=True,
         enable_caching=True,
-        cache_root=str((args.cache or root / "cache").resolve()),
+        cache_root=str(root / "cache"),
     )
     pipeline = components.load_component_from_file(str(args.pipeline))
     run = pipeline(**json.loads(args.params))
     outputs = {name: {"path": a.path, "metadata": dict(a.metadata)} for name, a in run.outputs.items()}
-    (root / "outputs.json").write_text(json.dumps(outputs, indent=2, sort_keys=True) + "\n")
+    (root / f"{args.label}.json").write_text(json.dumps(outputs, indent=2, sort_keys=True) + "\n")
     return 0
 
 

@@ -68,23 +68,19 @@ def pipeline_run(
     pipeline: Path,
     root: Path,
     params: dict,
+    label: str,
     network: str = "none",
     env: dict[str, str] | None = None,
-    label: str = "e2e",
-    cache: Path | None = None,
 ) -> subprocess.Popen:
-    """Start the compiled pipeline in the image (every task a container; log in ROOT/run.log)."""
+    """Start the compiled pipeline in the image, every task a container labelled `label`; its log goes to
+    ROOT/LABEL.log, its outputs to ROOT/LABEL.json. Runs under one ROOT share kfp.local's cache."""
     writable_by_container(root)
     argv = [sys.executable, "-m", "tests.container_pipeline", "--pipeline", str(pipeline), "--root", str(root),
             "--params", json.dumps(params), "--network", network, "--label", label]  # fmt: skip
     for name, value in (env or {}).items():
         argv += ["--env", f"{name}={value}"]
-    if cache is not None:
-        argv += ["--cache", str(cache)]
-    out = open(root / "run.log", "w")  # noqa: SIM115 - handed to the child, closed with it
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
-    out.close()
-    return proc
+    with open(root / f"{label}.log", "w") as log:
+        return subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def task_containers(label: str) -> list[str]:
@@ -93,6 +89,6 @@ def task_containers(label: str) -> list[str]:
 
 
 def executor_outputs(root: Path) -> dict[str, dict]:
-    """executor_output.json of every task of the (only) run under root, by task name."""
-    (run,) = sorted((root / "artifacts").glob("yolo-training-*"))
+    """executor_output.json of every task of the latest run under root, by task name."""
+    run = sorted((root / "artifacts").glob("yolo-training-*"))[-1]
     return {p.parent.name: json.loads(p.read_text()) for p in run.glob("*/executor_output.json")}

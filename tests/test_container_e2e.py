@@ -57,8 +57,8 @@ def test_pipeline_runs_in_the_image_without_network(tmp_path):
         "train_extra_args": "--seed 0",
     }
     started = time.time() - 1
-    proc = pipeline_run(pipeline, root, params, network="none", label="e2e")
-    assert proc.wait(timeout=1500) == 0, (root / "run.log").read_text()[-4000:]
+    proc = pipeline_run(pipeline, root, params, label="e2e", network="none")
+    assert proc.wait(timeout=1500) == 0, (root / "e2e.log").read_text()[-4000:]
 
     # Every task ran, each in a container of its own attached to no network but `none`.
     outputs = executor_outputs(root)
@@ -66,7 +66,7 @@ def test_pipeline_runs_in_the_image_without_network(tmp_path):
     networks = _networks_of_task_containers("e2e", started)
     assert len(networks) == len(TASKS) and set(networks) == {"none"}
 
-    run = json.loads((root / "outputs.json").read_text())
+    run = json.loads((root / "e2e.json").read_text())
     model = Path(run["model"]["path"])
     best = torch.load(model / "best.pt", weights_only=True)
     assert {"model", "names"} <= set(best) and best["model"]  # a state dict, read without unpickling code

@@ -15,7 +15,6 @@ import yaml
 
 from tests.conftest import REPO
 from tests.container_tools import IMAGE, docker, needs_image, sample_data
-from tests.s3_server import DUMMY_ENV
 
 pytest_plugins = ("tests.s3_server",)
 pytestmark = needs_image
@@ -47,19 +46,20 @@ def test_pytorchjob_command_trains_one_epoch_on_two_nodes(tmp_path, s3_server, s
     assert command[0] == "torchrun"
 
     env = {
-        **DUMMY_ENV,
-        "AWS_ENDPOINT_URL": s3_server.endpoint_url,
+        **s3_server.env(),  # AWS_ENDPOINT_URL (loopback) and dummy credentials
         "PET_RDZV_ENDPOINT": f"127.0.0.1:{_free_loopback_port()}",  # the operator's: the master's service
-        "PET_LOCAL_ADDR": "127.0.0.1",  # rank 0's address for the others: loopback, not a resolved hostname
         "GLOO_SOCKET_IFNAME": "lo",
         "OMP_NUM_THREADS": "1",
     }
     env_args = [arg for name, value in env.items() for arg in ("-e", f"{name}={value}")]
     nodes = [
-        docker("run", "-d", "--network", "host", "-v", f"{data.parent}:/data:ro", *env_args, IMAGE, *command)
-        .stdout.strip()
-        for _ in range(2)
-    ]
+        # Each pod has an address of its own. Here both share the host's name (host networking) and their
+        # torchrun may have the same PID (one PID namespace each), which is how the rendezvous tells
+        # nodes apart: give each a loopback address of its own (rank 0's is the others' MASTER_ADDR).
+        docker("run", "-d", "--network", "host", "-v", f"{data.parent}:/data:ro", *env_args,
+               "-e", f"PET_LOCAL_ADDR=127.0.0.{node}", IMAGE, *command).stdout.strip()
+        for node in (1, 2)
+    ]  # fmt: skip
     try:
         codes = [int(docker("wait", node, timeout=1200).stdout.strip()) for node in nodes]
         logs = [docker("logs", node).stderr + docker("logs", node).stdout for node in nodes]
