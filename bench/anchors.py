@@ -31,7 +31,8 @@ from yolo.anchors import (  # noqa: E402
     label_wh,
     sort_by_area,
 )
-from yolo.data.dataset import load_data_config, load_split  # noqa: E402
+from yolo.data.dataset import load_data_config  # noqa: E402
+from yolo.data.index import load_split  # noqa: E402
 
 
 def upstream_evolve(k: np.ndarray, wh: np.ndarray, thr: float, generations: int, seed: int) -> np.ndarray:

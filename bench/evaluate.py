@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yolo.data.dataset import load_data_config, load_split  # noqa: E402
+from yolo.data.dataset import load_data_config  # noqa: E402
+from yolo.data.index import load_split  # noqa: E402
 from yolo.evaluate import EvalConfig, _rect_batch_stream, evaluate_model  # noqa: E402
 from yolo.model.checkpoint import load_model  # noqa: E402
 

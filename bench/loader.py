@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from yolo.data.dataset import load_data_config, load_split  # noqa: E402
+from yolo.data.dataset import load_data_config  # noqa: E402
+from yolo.data.index import load_split  # noqa: E402
 from yolo.data.loader import create_train_loader  # noqa: E402
 from yolo.hyp import Hyp  # noqa: E402
 

@@ -28,8 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from yolo.data.dataset import label_path_for, list_split_images, load_data_config, load_split  # noqa: E402
-from yolo.data.index import available_cpus, verify_split  # noqa: E402
+from yolo.data.dataset import label_path_for, list_split_images, load_data_config  # noqa: E402
+from yolo.data.index import available_cpus, load_split, verify_split  # noqa: E402
 from yolo.data.sample import SampleConfig, write_sample_dataset  # noqa: E402
 from yolo.data.validate import ValidateConfig, validate  # noqa: E402
 

@@ -1,4 +1,6 @@
-"""KFP v2 components: one per pipeline step, each a thin typed wrapper around one `yolo` CLI call.
+"""KFP v2 components: one per pipeline step, each a thin typed wrapper around one function here —
+runtime.py's step adapters (validate, stats, train, evaluate: one `yolo` CLI call each), datasets.py
+(resolve the source's version, import it), registry.py (promote).
 
 Importing this package does not import kfp; the component modules (`components.validate`, ...) do.
 Every component runs in the project image: `YOLO_PIPELINE_IMAGE` (read when the component modules are

@@ -15,42 +15,37 @@ from components import pipeline_image
 def resolve_dataset_version(
     source: str,
     rev: str,
-    imgsz: int,
+    cfg: str,
+    weights: str,
     epochs: int,
+    imgsz: int,
     batch_size: int,
-    gpus: int,
+    workers: int,
+    checkpoint_root: str,
+    registry_uri: str,
     min_map50: float,
     max_bad_fraction: float,
     model_name: str,
-    cfg: str,
-    weights: str,
-    checkpoint_root: str,
-    registry_uri: str,
+    train_extra_args: str,
+    gpus: int,
 ) -> str:
-    """Check the run's parameters, then return the source's version (commit SHA / content hash)."""
-    from components.params import check_parameters
-    from components.runtime import resolve_version
+    """Check the run's parameters, then return the source's version (commit SHA / content hash).
 
-    check_parameters(
-        dataset_source=source,
-        imgsz=imgsz,
-        epochs=epochs,
-        batch_size=batch_size,
-        gpus=gpus,
-        min_map50=min_map50,
-        max_bad_fraction=max_bad_fraction,
-        model_name=model_name,
-        cfg=cfg,
-        weights=weights,
-        checkpoint_root=checkpoint_root,
-        registry_uri=registry_uri,
-    )
+    Takes every pipeline parameter (source and rev are dataset_source and dataset_rev) and the train pod's
+    gpus; tests/test_params_schema.py checks this list against components.params.PARAMETERS.
+    """
+    others = dict(locals())  # first statement: exactly the parameters above
+    del others["source"], others["rev"]
+    from components.datasets import resolve_version
+    from components.params import check_parameters
+
+    check_parameters(dataset_source=source, dataset_rev=rev, **others)
     return resolve_version(source, rev)
 
 
 @dsl.component(base_image=pipeline_image(), install_kfp_package=False)
 def import_data(source: str, version: str, dataset: Output[Dataset]):
     """Copy/download/generate the dataset into the artifact; metadata records source and version."""
-    from components.runtime import import_data as materialise
+    from components.datasets import import_data as materialise
 
     materialise(source, version, dataset)

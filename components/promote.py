@@ -16,6 +16,6 @@ def promote(
     run_key: str = "",
 ) -> str:
     """Returns the new version (v1, v2, ...); the next run's evaluate compares against it."""
-    from components.runtime import promote as run_step
+    from components.registry import promote as run_step
 
     return run_step(model, evaluation, registry_uri, model_name, image, run_key)

@@ -16,21 +16,15 @@ import re
 import sys
 from pathlib import Path
 
+from components.params import NAMES, PARAMETERS, check_gpus, check_parameters
+from components.sources import parse_source, redact
+from pipelines.cluster import ClusterOptions, Toleration, parse_toleration
+from yolo.cli import EXIT_USER_ERROR, OneLineParser
 from yolo.errors import UserError
 from yolo.files import write_text
 
-EXIT_USER_ERROR = 2
 EXIT_PIPELINE_FAILED = 1
 PROG = "python -m pipelines"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)  # a typo like `--epoch` is an error, not `--epochs`
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -40,21 +34,12 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _toleration(text: str):
-    """KEY[=VALUE][:EFFECT] → Toleration (operator Equal with a value, Exists without)."""
-    from pipelines.training import Toleration
-
-    spec, _, effect = text.partition(":")
-    key, sep, value = spec.partition("=")
-    if not key:
-        raise argparse.ArgumentTypeError(f"expected KEY[=VALUE][:EFFECT], got {text!r}")
-    if effect and effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise argparse.ArgumentTypeError(
-            f"toleration effect {effect!r}: NoSchedule, PreferNoSchedule or NoExecute"
-        )
-    return Toleration(
-        key=key, operator="Equal" if sep else "Exists", value=value if sep else None, effect=effect or None
-    )
+def _toleration(text: str) -> Toleration:
+    """KEY[=VALUE][:EFFECT] → Toleration (pipelines.cluster: no component module is imported by parsing)."""
+    try:
+        return parse_toleration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_cluster_arguments(p: argparse.ArgumentParser, default_gpus: int) -> None:
@@ -64,30 +49,38 @@ def _add_cluster_arguments(p: argparse.ArgumentParser, default_gpus: int) -> Non
     )
 
 
+# run-local's defaults where they differ from the pipeline's: tiny, seconds on a laptop CPU. The checkpoint
+# root and the registry default to folders under --pipeline-root.
+RUN_LOCAL_DEFAULTS = {
+    "dataset_source": "sample:train=32,val=16,imgsz=128",
+    "epochs": 1,
+    "imgsz": 128,
+    "batch_size": 8,
+    "workers": 0,
+    "model_name": "yolov5n-sample",
+    "checkpoint_root": None,
+    "registry_uri": None,
+}
+ROOT_DEFAULTS = {"checkpoint_root": "checkpoints", "registry_uri": "registry"}  # under --pipeline-root
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Pipeline parameters with run-local's tiny defaults (seconds on a laptop CPU)."""
-    p.add_argument(
-        "--dataset-source",
-        default="sample:train=32,val=16,imgsz=128",
-        help="sample:[train=N,val=N,imgsz=N,seed=N] | PATH | dvc://REPO#PATH | s3://bucket/prefix",
-    )
-    p.add_argument("--dataset-rev", default="", help="git rev for a dvc:// source (resolved to a commit SHA)")
-    p.add_argument("--cfg", default="yolov5n.yaml")
-    p.add_argument("--weights", default="")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--imgsz", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--min-map50", type=float, default=0.0)
-    p.add_argument("--max-bad-fraction", type=float, default=0.05)
-    p.add_argument("--model-name", default="yolov5n-sample")
-    p.add_argument("--registry", help="model registry: a folder or s3:// (default PIPELINE_ROOT/registry)")
-    p.add_argument(
-        "--checkpoint-root", help="checkpoint mirror: a folder or s3:// (default PIPELINE_ROOT/checkpoints)"
-    )
-    p.add_argument(
-        "--train-extra-args", default="", help="more `yolo train` flags, e.g. '--seed 1 --deterministic'"
-    )
+    """The pipeline parameters (components.params.PARAMETERS) with run-local's defaults."""
+    for parameter in PARAMETERS:
+        names = [parameter.flag]
+        if parameter.name == "registry_uri":
+            names.append("--registry")  # run-local's first spelling, kept
+        default = RUN_LOCAL_DEFAULTS.get(parameter.name, parameter.default)
+        shown = (
+            f"PIPELINE_ROOT/{ROOT_DEFAULTS[parameter.name]}" if parameter.name in ROOT_DEFAULTS else default
+        )
+        p.add_argument(
+            *names,
+            dest=parameter.name,
+            type=parameter.type,
+            default=default,
+            help=f"{parameter.help} (default: {shown})",
+        )
 
 
 def build_parser() -> OneLineParser:
@@ -122,8 +115,12 @@ def build_parser() -> OneLineParser:
         help="train pods only; repeatable",
     )
     c.add_argument("--train-retries", type=int, default=3)
-    c.add_argument("--train-cpu", default="8")
-    c.add_argument("--train-memory", default="32Gi")
+    c.add_argument("--train-cpu", default="8", help="CPU request of the train pod")
+    c.add_argument("--train-memory", default="32Gi", help="memory request of the train pod")
+    c.add_argument("--train-cpu-limit", default="16", help="CPU limit of the train pod")
+    c.add_argument(
+        "--train-memory-limit", default="48Gi", help="memory limit of the train pod (it covers /dev/shm too)"
+    )
     c.add_argument("--shm-size", default="16Gi", help="memory-backed /dev/shm size of the train pod")
 
     r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (SubprocessRunner)")
@@ -142,9 +139,9 @@ def build_parser() -> OneLineParser:
     )
     r.add_argument("--train-retries", type=int, default=0, help="retries of a failed train step (KFP: 3)")
     _add_run_arguments(r)
-    from pipelines import pytorchjob, retrain, submit  # shipping subcommands (docs/kubeflow.md)
+    from pipelines import katib, pytorchjob, retrain, submit  # shipping subcommands (docs/kubeflow.md)
 
-    for extra in (submit, retrain, pytorchjob):
+    for extra in (submit, retrain, pytorchjob, katib):
         extra.add_parser(sub)
     return parser
 
@@ -158,15 +155,13 @@ def _set_image(image: str | None) -> None:
 
 
 def compile_pipeline(args: argparse.Namespace) -> int:
-    from components.params import check_gpus
-
     check_gpus(args.gpus)
     if args.train_retries < 0:
         raise UserError(f"--train-retries {args.train_retries}: must be >= 0")
     _set_image(args.image)
     from kfp import compiler
 
-    from pipelines.training import ClusterOptions, build_pipeline
+    from pipelines.training import build_pipeline
 
     options = ClusterOptions(
         gpus=args.gpus,
@@ -177,6 +172,8 @@ def compile_pipeline(args: argparse.Namespace) -> int:
         train_retries=args.train_retries,
         train_cpu=args.train_cpu,
         train_memory=args.train_memory,
+        train_cpu_limit=args.train_cpu_limit,
+        train_memory_limit=args.train_memory_limit,
         shm_size=args.shm_size,
     )
     out = args.out
@@ -190,29 +187,11 @@ def compile_pipeline(args: argparse.Namespace) -> int:
 
 def run_parameters(args: argparse.Namespace, root: Path) -> dict:
     """The pipeline arguments for run-local, checked."""
-    from pipelines.submit import check_values
-
-    params = {
-        "dataset_source": args.dataset_source,
-        "dataset_rev": args.dataset_rev,
-        "cfg": args.cfg,
-        "weights": args.weights,
-        "epochs": args.epochs,
-        "imgsz": args.imgsz,
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "checkpoint_root": args.checkpoint_root
-        if args.checkpoint_root is not None
-        else str(root / "checkpoints"),
-        "registry_uri": args.registry if args.registry is not None else str(root / "registry"),
-        "min_map50": args.min_map50,
-        "max_bad_fraction": args.max_bad_fraction,
-        "model_name": args.model_name,
-        "train_extra_args": args.train_extra_args,
-    }
-    check_values(params, args.gpus)  # the same checks submit runs, before anything starts
-    from components.runtime import parse_source
-
+    params = {name: getattr(args, name) for name in NAMES}
+    for name, folder in ROOT_DEFAULTS.items():
+        if params[name] is None:
+            params[name] = str(root / folder)
+    check_parameters(gpus=args.gpus, **params)  # the same checks submit runs, before anything starts
     source = parse_source(params["dataset_source"])
     if source.kind == "local" and not Path(source.location).exists():  # here (unlike a pod) we can see it
         raise UserError(f"dataset source {source.location}: no such folder or data.yaml")
@@ -227,7 +206,7 @@ def run_local(args: argparse.Namespace) -> int:
     _set_image(args.image)
     import kfp.local
 
-    from pipelines.training import ClusterOptions, build_pipeline
+    from pipelines.training import build_pipeline
 
     # Steps run as `python3 -m kfp.dsl.executor_main`: kfp.local swaps in this interpreter, and the
     # `python -m yolo` / `dvc` they start come from the same environment.
@@ -246,7 +225,7 @@ def run_local(args: argparse.Namespace) -> int:
         run = pipeline(**params)
     except RuntimeError as e:
         reason = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__]
-        print(f"{PROG} run-local: {reason[0]} (artifacts and logs under {root})", file=sys.stderr)
+        print(f"{PROG} run-local: {redact(reason[0])} (artifacts and logs under {root})", file=sys.stderr)
         return EXIT_PIPELINE_FAILED
     report = summarise(run.outputs, params)
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
@@ -284,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            if hasattr(args, "handler"):  # submit, retrain, pytorchjob
+            if hasattr(args, "handler"):  # submit, retrain, pytorchjob, tune (katib)
                 return args.handler(args)
             if args.command == "compile":
                 return compile_pipeline(args)
@@ -294,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{e.name} is not installed: pip install -e '.[pipeline]'") from None
             raise
     except UserError as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

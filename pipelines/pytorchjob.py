@@ -26,6 +26,9 @@ from typing import Any
 
 import yaml
 
+from components import pipeline_image
+from components.params import check_gpus, reserved_flags_given
+from components.sources import parse_source, resolve_git_rev
 from yolo.errors import UserError
 from yolo.files import write_text
 
@@ -42,7 +45,7 @@ RESERVED_TRAIN_FLAGS = ("--out", "--device", "--checkpoint-uri", "--resume", "--
 # The init container's import: the same code as the pipeline's import_data step, into an emptyDir.
 IMPORT_SNIPPET = (
     "import shutil, sys, types\n"
-    "from components.runtime import import_data\n"
+    "from components.datasets import import_data\n"
     "root = sys.argv[3]\n"
     "meta = import_data(sys.argv[1], sys.argv[2], types.SimpleNamespace(path=root, metadata={}))\n"
     "if meta['data_yaml'] != 'data.yaml':\n"
@@ -80,7 +83,7 @@ class JobOptions:
 
 
 def _flag_given(args: list[str], name: str) -> bool:
-    return any(a == name or a.startswith(name + "=") for a in args)
+    return bool(reserved_flags_given(args, (name,)))
 
 
 def _flag_value(args: list[str], name: str) -> str | None:
@@ -94,8 +97,6 @@ def _flag_value(args: list[str], name: str) -> str | None:
 
 def check_options(o: JobOptions) -> None:
     """UserError (one line) for a job that could not run as asked."""
-    from components.params import check_gpus
-
     check_gpus(o.gpus)
     if o.nodes < 1:
         raise UserError(f"--nodes {o.nodes}: must be >= 1")
@@ -106,9 +107,9 @@ def check_options(o: JobOptions) -> None:
         raise UserError(f"--name {o.name!r}: a DNS-1035 label (lowercase letters, digits, '-'; at most 40)")
     if not o.checkpoint_uri:
         raise UserError("--checkpoint-uri is required: it is where a restarted node resumes from (s3://...)")
-    for reserved in RESERVED_TRAIN_FLAGS:
-        if _flag_given(o.train_args, reserved):
-            raise UserError(f"train argument {reserved}: set by the manifest (per node); remove it")
+    clashes = reserved_flags_given(o.train_args, RESERVED_TRAIN_FLAGS)
+    if clashes:
+        raise UserError(f"train argument {clashes[0]}: set by the manifest (per node); remove it")
     has_data = _flag_given(o.train_args, "--data")
     if o.dataset_source and has_data:
         raise UserError(
@@ -231,25 +232,23 @@ def build_manifest(o: JobOptions) -> dict[str, Any]:
     replica_specs = {"Master": _replica(o, 1)}
     if o.nodes > 1:
         replica_specs["Worker"] = _replica(o, o.nodes - 1)
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": metadata,
-        "spec": {
-            "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": o.backoff_limit},
-            "elasticPolicy": {
-                "rdzvBackend": "c10d",
-                "rdzvHost": f"{o.name}-master-0",  # the operator's service of the Master pod
-                "rdzvPort": RDZV_PORT,
-                "rdzvId": o.name,
-                "minReplicas": low,
-                "maxReplicas": o.nodes,
-                "maxRestarts": o.max_restarts,
-            },
-            "nprocPerNode": str(o.procs_per_node),
-            "pytorchReplicaSpecs": replica_specs,
-        },
-    }
+    spec: dict[str, Any] = {"runPolicy": {"cleanPodPolicy": "None", "backoffLimit": o.backoff_limit}}
+    # The operator's admission webhook (v1.9) requires a Worker replica whenever elasticPolicy is set. One
+    # node has none, so it runs without: torchrun's c10d rendezvous then defaults to localhost:29400 in
+    # the one pod, and a failed pod is still restarted (restartPolicy, backoffLimit, --max-restarts).
+    if o.nodes > 1:
+        spec["elasticPolicy"] = {
+            "rdzvBackend": "c10d",
+            "rdzvHost": f"{o.name}-master-0",  # the operator's service of the Master pod
+            "rdzvPort": RDZV_PORT,
+            "rdzvId": o.name,
+            "minReplicas": low,
+            "maxReplicas": o.nodes,
+            "maxRestarts": o.max_restarts,
+        }
+    spec["nprocPerNode"] = str(o.procs_per_node)
+    spec["pytorchReplicaSpecs"] = replica_specs
+    return {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec}
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -310,15 +309,11 @@ def add_parser(sub) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> JobOptions:
-    from components import pipeline_image
-
     train_args = list(args.train_args)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
     version = ""
     if args.dataset_source:
-        from components.runtime import parse_source, resolve_git_rev
-
         source = parse_source(args.dataset_source)
         if source.kind == "dvc":
             version = resolve_git_rev(source.location, args.dataset_rev)

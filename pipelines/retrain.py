@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.sources import check_argument, redact
 from pipelines import submit as submission
 from yolo.errors import UserError
 
@@ -58,7 +59,11 @@ def is_watched(path: str, params_file: str = PRODUCTION_PARAMS) -> bool:
 
 
 def _commit(repo: Path, rev: str) -> str | None:
-    return git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False) or None
+    check_argument("git rev", rev)
+    return (
+        git(repo, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}", check=False)
+        or None
+    )
 
 
 def _listing(paths: list[str]) -> str:
@@ -92,7 +97,8 @@ def decide(
     if base_sha == head:
         return Decision(False, f"HEAD {head[:12]} is {since}: nothing new", head, base_sha)
     # --no-renames: a renamed dataset file shows as its old (deleted) and its new path, both watched.
-    changed = git(repo, "diff", "--name-only", "--no-renames", "-z", base_sha, head).split("\0")
+    changed = git(repo, "diff", "--name-only", "--no-renames", "-z", "--end-of-options", base_sha, head)
+    changed = changed.split("\0")
     changed = [p for p in changed if p]
     watched = [p for p in changed if is_watched(p, params_file)]
     if watched:
@@ -126,14 +132,14 @@ def is_this_repository(repo: Path, location: str) -> bool:
 def pin_dataset_to_head(repo: Path, params: dict, head: str) -> str | None:
     """A dvc:// source in this repository with no rev (or HEAD) trains on the data of the commit decided
     on — not on whatever the branch points at when the pod starts."""
-    from components.runtime import parse_source
+    from components.sources import parse_source
 
     source = parse_source(str(params.get("dataset_source", "")))
     rev = str(params.get("dataset_rev") or "")
     if source.kind != "dvc" or rev not in ("", "HEAD") or not is_this_repository(repo, source.location):
         return None
     params["dataset_rev"] = head
-    return f"dataset {source.location}#{source.path_in_repo} at the decided commit {head}"
+    return f"dataset {redact(source.location)}#{source.path_in_repo} at the decided commit {head}"
 
 
 def record_submission(repo: Path, tag: str, head: str, run_id: str, url: str) -> None:
@@ -145,14 +151,14 @@ def record_submission(repo: Path, tag: str, head: str, run_id: str, url: str) ->
         )
     message = f"retrain: submitted run {run_id}\n\n{url}\n"
     proc = subprocess.run(
-        ["git", "-C", str(repo), "tag", "--force", "--annotate", "--message", message, tag, head],
+        ["git", "-C", str(repo), "tag", "--force", "--annotate", "--message", message, "--", tag, head],
         capture_output=True,
         text=True,
         env=env,
         check=False,
     )
     if proc.returncode != 0:
-        raise UserError(f"run {run_id} was submitted, but tagging {tag}: {proc.stderr.strip()}")
+        raise UserError(f"run {run_id} was submitted, but tagging {tag}: {redact(proc.stderr.strip())}")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -187,6 +193,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_argument("--tag", args.tag)
     repo = Path(git(args.repo, "rev-parse", "--show-toplevel"))
     params_path = production_params_path(repo, args.params_file)
     decision = decide(repo, args.base, args.tag, params_path, args.force)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -29,9 +30,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
+from components.params import PARAMETERS, check_parameters
+from components.sources import check_argument, redact
 from yolo.errors import UserError, did_you_mean
 
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
@@ -41,23 +45,8 @@ DEFAULT_EXPERIMENT = "yolo-pipeline"
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `pipelines` package (for the compile child)
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED")
 
-# The pipeline function's parameters, as flags spelled like the CLI's (tests check they match the spec).
-PIPELINE_FLAGS: tuple[tuple[str, type], ...] = (
-    ("dataset_source", str),
-    ("dataset_rev", str),
-    ("cfg", str),
-    ("weights", str),
-    ("epochs", int),
-    ("imgsz", int),
-    ("batch_size", int),
-    ("workers", int),
-    ("checkpoint_root", str),
-    ("registry_uri", str),
-    ("min_map50", float),
-    ("max_bad_fraction", float),
-    ("model_name", str),
-    ("train_extra_args", str),
-)
+# The pipeline function's parameters, as flags spelled like the CLI's (from the one schema, components.params).
+PIPELINE_FLAGS: tuple[tuple[str, type], ...] = tuple((p.name, p.type) for p in PARAMETERS)
 # Compile-time options (the pod shape): passed through to `python -m pipelines compile` unchanged.
 CLUSTER_KEYS = (
     "gpus",
@@ -68,10 +57,12 @@ CLUSTER_KEYS = (
     "train_retries",
     "train_cpu",
     "train_memory",
+    "train_cpu_limit",
+    "train_memory_limit",
     "shm_size",
 )
 DEFAULT_GPUS = 1  # `compile`'s default
-PARAMS_FILE_KEYS = ("experiment", "cluster", "parameters")
+PARAMS_FILE_KEYS = ("experiment", "namespace", "cluster", "parameters")
 KIND_WORDS = {"NUMBER_INTEGER": "integer", "NUMBER_DOUBLE": "number", "BOOLEAN": "boolean (true/false)",
               "LIST": "JSON list", "STRUCT": "JSON object"}  # fmt: skip
 
@@ -87,6 +78,7 @@ class ParamsFile:
 
     path: Path | None = None
     experiment: str | None = None
+    namespace: str | None = None  # the profile namespace on multi-user Kubeflow
     cluster: dict[str, Any] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +118,7 @@ def load_params_file(path: str | os.PathLike) -> ParamsFile:
     return ParamsFile(
         path=path,
         experiment=str(experiment) if experiment else None,
+        namespace=str(raw["namespace"]) if raw.get("namespace") else None,
         cluster=_section(raw.get("cluster"), "cluster", CLUSTER_KEYS, path),
         parameters=_section(raw.get("parameters"), "parameters", tuple(n for n, _ in PIPELINE_FLAGS), path),
     )
@@ -145,6 +138,7 @@ class SubmitRequest:
     parameters: dict[str, Any] = field(default_factory=dict)  # typed pipeline parameters
     raw_parameters: dict[str, str] = field(default_factory=dict)  # --param name=value, typed by the spec
     wait: bool = False
+    insecure: bool = False  # allow the token over plain http to a host other than this machine
     wait_timeout: float = 3 * 24 * 3600.0
     poll_interval: float = 30.0
     connect_timeout: float = 5.0
@@ -216,10 +210,36 @@ def effective_image(image: str | None) -> str:
 
 
 # -------------------------------------------------------------------------------------------- host
+def _is_loopback(hostname: str) -> bool:
+    if hostname.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token_transport(host: str, token: str | None, insecure: bool) -> str | None:
+    """Refuse to send a bearer token over plain http to another machine (anyone on the path could read
+    it), unless --insecure; returns the warning to print then. Loopback (a kubectl port-forward) is fine:
+    the token never leaves this machine."""
+    parts = urlsplit(host)
+    if not token or parts.scheme.lower() != "http" or _is_loopback(parts.hostname or ""):
+        return None
+    if not insecure:
+        raise UserError(
+            f"--host {redact(host)}: refusing to send the bearer token over plain http "
+            "(use https://, a port-forward to localhost, or --insecure)"
+        )
+    return f"warning: sending the bearer token over plain http to {redact(host)} (--insecure)"
+
+
 def check_host(host: str, token: str | None, timeout: float) -> dict[str, Any]:
     """GET HOST/apis/v2beta1/healthz once with a short timeout; UserError (one line) when it fails."""
     if not re.match(r"^https?://[^/\s]+", host):
-        raise UserError(f"--host {host!r}: expected http://HOST[:PORT][/PATH] or https://...")
+        raise UserError(f"--host {redact(host)!r}: expected http://HOST[:PORT][/PATH] or https://...")
+    if "@" in urlsplit(host).netloc:
+        raise UserError(f"--host {redact(host)!r}: no credentials in the URL (pass the token with --token)")
     url = host.rstrip("/") + HEALTHZ_PATH
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     if token:
@@ -255,6 +275,7 @@ def check_host(host: str, token: str | None, timeout: float) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- compile
 def _cluster_args(cluster: dict[str, Any]) -> list[str]:
+    """The `compile` flags for the cluster options; each value checked to be a value, not an option."""
     args: list[str] = []
     for key, value in cluster.items():
         if value is None:
@@ -262,12 +283,12 @@ def _cluster_args(cluster: dict[str, Any]) -> list[str]:
         if key == "node_selector":
             items = value.items() if isinstance(value, dict) else (str(v).split("=", 1) for v in value)
             for k, v in items:
-                args += ["--node-selector", f"{k}={v}"]
+                args += ["--node-selector", check_argument("cluster node_selector", f"{k}={v}")]
         elif key == "tolerations":
             for t in [value] if isinstance(value, str) else value:
-                args += ["--toleration", str(t)]
+                args += ["--toleration", check_argument("cluster toleration", str(t))]
         else:
-            args += [flag(key), str(value)]
+            args += [flag(key), check_argument(f"cluster {key}", str(value))]
     return args
 
 
@@ -346,7 +367,7 @@ def merge_parameters(spec: dict[str, dict[str, Any]], request: SubmitRequest) ->
 
 def resolve_dataset_rev(values: dict[str, Any]) -> str | None:
     """For a dvc:// source, replace the rev (branch, tag, '' = HEAD) by its commit SHA; returns the note."""
-    from components.runtime import parse_source, resolve_git_rev
+    from components.sources import parse_source, resolve_git_rev
 
     source = parse_source(str(values.get("dataset_source", "")))
     rev = str(values.get("dataset_rev") or "")
@@ -356,27 +377,11 @@ def resolve_dataset_rev(values: dict[str, Any]) -> str | None:
         return None
     sha = resolve_git_rev(source.location, rev)
     values["dataset_rev"] = sha
-    return f"dataset rev {rev or 'HEAD'!r} of {source.location} → {sha}"
+    return f"dataset rev {rev or 'HEAD'!r} of {redact(source.location)} → {sha}"
 
 
 def check_values(values: dict[str, Any], gpus: int) -> None:
-    from components.params import check_parameters
-
-    check_parameters(
-        dataset_source=values["dataset_source"],
-        imgsz=values["imgsz"],
-        epochs=values["epochs"],
-        batch_size=values["batch_size"],
-        gpus=gpus,
-        min_map50=values["min_map50"],
-        max_bad_fraction=values["max_bad_fraction"],
-        model_name=values["model_name"],
-        cfg=values["cfg"],
-        weights=values["weights"],
-        checkpoint_root=values["checkpoint_root"],
-        registry_uri=values["registry_uri"],
-        workers=values["workers"],
-    )
+    check_parameters(gpus=gpus, **values)
 
 
 # ------------------------------------------------------------------------------------------ submit
@@ -398,18 +403,22 @@ def _api_error(e: Exception, host: str, token: str | None) -> UserError:
 
 
 def _run_url(host: str, run_id: str) -> str:
-    return f"{(os.environ.get(UI_HOST_ENV) or host).rstrip('/')}/#/runs/details/{run_id}"
+    return redact(f"{(os.environ.get(UI_HOST_ENV) or host).rstrip('/')}/#/runs/details/{run_id}")
 
 
 def submit(request: SubmitRequest, log=print) -> SubmitResult:
     """Check the host, compile for the image, check and type the parameters, create the run."""
     token = read_token(request.token)
+    warning = check_token_transport(request.host, token, request.insecure)
+    if warning:
+        print(warning, file=sys.stderr)
     image = effective_image(request.image)
     split_image(image)
     health = check_host(request.host, token, request.connect_timeout)
     if health.get("multi_user") is True and not request.namespace:
         raise UserError(
-            f"{request.host}: multi-user Kubeflow Pipelines: pass --namespace (your profile namespace)"
+            f"{request.host}: multi-user Kubeflow Pipelines: pass --namespace (your profile namespace) "
+            "or set `namespace:` in the params file"
         )
     if not is_pinned(image):
         print(
@@ -485,12 +494,19 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
         "--host", required=True, help="KFP API root, e.g. http://localhost:8888 or https://KF/pipeline"
     )
     p.add_argument("--token", help=f"bearer token (default: the file ${TOKEN_PATH_ENV} names, if set)")
-    p.add_argument("--namespace", help="profile namespace (multi-user Kubeflow)")
+    p.add_argument(
+        "--namespace", help="profile namespace (multi-user Kubeflow; default: the params file's `namespace`)"
+    )
     p.add_argument(
         "--experiment", help=f"experiment name (default {DEFAULT_EXPERIMENT}, or the params file's)"
     )
     p.add_argument("--image", help="image of every step, pinned: REGISTRY/NAME:TAG or @sha256:DIGEST")
     p.add_argument("--run-name", help="display name of the run")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow sending the token over plain http:// to a host other than localhost",
+    )
     p.add_argument("--connect-timeout", type=float, default=5.0, help="seconds for the healthz check (5)")
     p.add_argument(
         "--wait", action="store_true", help="wait for the run to finish; exit 0 only if it succeeded"
@@ -510,10 +526,18 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-retries", type=int)
     g.add_argument("--train-cpu")
     g.add_argument("--train-memory")
+    g.add_argument("--train-cpu-limit")
+    g.add_argument("--train-memory-limit")
     g.add_argument("--shm-size")
     r = p.add_argument_group("pipeline parameters")
-    for name, kind in PIPELINE_FLAGS:
-        r.add_argument(flag(name), dest=name, type=kind, metavar=kind.__name__.upper())
+    for parameter in PARAMETERS:
+        r.add_argument(
+            parameter.flag,
+            dest=parameter.name,
+            type=parameter.type,
+            metavar=parameter.type.__name__.upper(),
+            help=f"{parameter.help} (pipeline default: {parameter.default!r})",
+        )
     r.add_argument(
         "--param",
         action="append",
@@ -540,6 +564,8 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         "train_retries": args.train_retries,
         "train_cpu": args.train_cpu,
         "train_memory": args.train_memory,
+        "train_cpu_limit": args.train_cpu_limit,
+        "train_memory_limit": args.train_memory_limit,
         "shm_size": args.shm_size,
     }
     cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
@@ -550,12 +576,13 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         token=args.token,
         image=args.image,
         experiment=args.experiment or params_file.experiment,
-        namespace=args.namespace,
+        namespace=args.namespace or params_file.namespace,
         run_name=args.run_name,
         cluster=cluster,
         parameters=parameters,
         raw_parameters=dict(args.param),
         wait=args.wait,
+        insecure=args.insecure,
         wait_timeout=args.wait_timeout,
         poll_interval=args.poll_interval,
         connect_timeout=args.connect_timeout,

@@ -6,20 +6,21 @@ fixed when the pipeline is compiled — it is part of the pod spec the scheduler
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Metrics, Model
 
-from components import pipeline_image
 from components.evaluate import evaluate
 from components.import_data import import_data, resolve_dataset_version
-from components.params import check_gpus
+from components.params import NAMES
 from components.promote import promote
 from components.stats import stats
 from components.train import train
 from components.validate import validate
+from pipelines.cluster import ClusterOptions, Resources, Toleration
+
+__all__ = ["ClusterOptions", "Toleration", "build_pipeline"]  # the cluster shape is importable from here too
 
 PIPELINE_NAME = "yolo-training"
 AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -32,37 +33,6 @@ class PipelineOutputs(NamedTuple):
     metrics: Metrics
     model: Model
     evaluation: Artifact
-
-
-@dataclass(frozen=True)
-class Toleration:
-    key: str
-    operator: str = "Equal"  # or "Exists"
-    value: str | None = None
-    effect: str | None = None  # NoSchedule, PreferNoSchedule, NoExecute
-
-
-@dataclass(frozen=True)
-class ClusterOptions:
-    """Compile-time settings: where and with what the steps' pods run."""
-
-    gpus: int = 1  # per train pod: 0 (CPU), 1, 2, 4 or 8 (torchrun, one process per GPU)
-    image: str = field(default_factory=pipeline_image)
-    s3_secret: str = (
-        "yolo-s3-credentials"  # a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; "" = none
-    )
-    s3_endpoint: str = ""  # AWS_ENDPOINT_URL for MinIO or another S3-compatible store; "" = AWS
-    train_cpu: str = "8"
-    train_memory: str = "32Gi"
-    shm_size: str = "16Gi"  # memory-backed /dev/shm for DataLoader workers (the 64 MiB default is too small)
-    step_cpu: str = "2"
-    step_memory: str = "8Gi"
-    train_retries: int = 3  # pod retries; each resumes from checkpoint_root/<run identity>
-    node_selector: dict[str, str] = field(default_factory=dict)  # train pods only
-    tolerations: tuple[Toleration, ...] = ()  # train pods only
-
-    def __post_init__(self) -> None:
-        check_gpus(self.gpus)
 
 
 def _with_s3(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
@@ -79,13 +49,19 @@ def _with_s3(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTas
     return task
 
 
+def _resources(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
+    """Requests and limits for CPU and memory: every task has all four (see Resources)."""
+    task.set_cpu_request(resources.cpu).set_memory_request(resources.memory)
+    return task.set_cpu_limit(resources.cpu_limit).set_memory_limit(resources.memory_limit)
+
+
 def _step_resources(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
-    return task.set_cpu_request(options.step_cpu).set_memory_request(options.step_memory)
+    return _resources(task, options.step)
 
 
 def _configure_train(task: dsl.PipelineTask, options: ClusterOptions) -> None:
     task.set_caching_options(False)
-    task.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
+    _resources(task, options.train)
     if options.gpus > 0:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(options.gpus)
     kubernetes.empty_dir_mount(
@@ -128,25 +104,19 @@ def build_pipeline(options: ClusterOptions | None = None):
         model_name: str = "yolov5",
         train_extra_args: str = "",
     ) -> PipelineOutputs:
+        # The parameters above, as pipeline channels (locals() also holds `options`, a closure variable).
+        given = dict(locals())
         run_key = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
+        # The first step checks every parameter (so a run started from the UI with bad values stops here).
         resolve = resolve_dataset_version(
             source=dataset_source,
             rev=dataset_rev,
-            imgsz=imgsz,
-            epochs=epochs,
-            batch_size=batch_size,
             gpus=options.gpus,
-            min_map50=min_map50,
-            max_bad_fraction=max_bad_fraction,
-            model_name=model_name,
-            cfg=cfg,
-            weights=weights,
-            checkpoint_root=checkpoint_root,
-            registry_uri=registry_uri,
+            **{name: given[name] for name in NAMES if name not in ("dataset_source", "dataset_rev")},
         )
         resolve.set_display_name("resolve dataset version").set_caching_options(False)
-        _with_s3(resolve, options)
+        _with_s3(_resources(resolve, options.light_step), options)
 
         # Keyed by the resolved version only (not the rev name): re-runs on unchanged data are cache hits.
         data = import_data(source=dataset_source, version=resolve.output)
@@ -210,7 +180,7 @@ def build_pipeline(options: ClusterOptions | None = None):
                     run_key=run_key,
                 )
                 publish.set_display_name("promote").set_caching_options(False)
-                _with_s3(publish, options)
+                _with_s3(_resources(publish, options.light_step), options)
 
         return PipelineOutputs(score.outputs["metrics"], fit.outputs["model"], score.outputs["evaluation"])
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import runtime
+from components import datasets, runtime, sources
+from components import registry as model_registry
 from components.params import check_parameters
 from yolo.errors import UserError
 
@@ -219,31 +220,31 @@ def _tiny_dataset(root: Path, yaml_path: Path | None = None, path_entry: str = "
 
 
 def test_parse_source_kinds():
-    assert runtime.parse_source("sample:") == runtime.Source("sample", "")
-    assert runtime.parse_source("dvc://git@host:org/r.git#data/x/") == runtime.Source(
+    assert sources.parse_source("sample:") == sources.Source("sample", "")
+    assert sources.parse_source("dvc://git@host:org/r.git#data/x/") == sources.Source(
         "dvc", "git@host:org/r.git", "data/x"
     )
-    assert runtime.parse_source("s3://b/p/").kind == "s3"
-    assert runtime.parse_source("file:///mnt/pvc").location == "/mnt/pvc"
-    assert runtime.parse_source("./data").kind == "local"
+    assert sources.parse_source("s3://b/p/").kind == "s3"
+    assert sources.parse_source("file:///mnt/pvc").location == "/mnt/pvc"
+    assert sources.parse_source("./data").kind == "local"
 
 
 def test_sample_version_is_stable_and_follows_options():
-    assert runtime.resolve_version("sample:train=8,val=4") == runtime.resolve_version("sample:val=4,train=8")
-    assert runtime.resolve_version("sample:train=8") != runtime.resolve_version("sample:train=9")
+    assert datasets.resolve_version("sample:train=8,val=4") == datasets.resolve_version("sample:val=4,train=8")
+    assert datasets.resolve_version("sample:train=8") != datasets.resolve_version("sample:train=9")
 
 
 def test_local_source_version_follows_content_and_copy_rewrites_yaml(tmp_path):
     root = tmp_path / "datasets" / "tiny"
     yaml_path = _tiny_dataset(root, yaml_path=tmp_path / "tiny.yaml", path_entry="datasets/tiny")
-    first = runtime.resolve_version(str(yaml_path))
-    assert first == runtime.resolve_version(str(yaml_path))
+    first = datasets.resolve_version(str(yaml_path))
+    assert first == datasets.resolve_version(str(yaml_path))
     (root / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.3 0.3\n")
-    second = runtime.resolve_version(str(yaml_path))
+    second = datasets.resolve_version(str(yaml_path))
     assert second != first
 
     artifact = FakeArtifact(tmp_path / "out" / "dataset")
-    meta = runtime.import_data(str(yaml_path), second, artifact)
+    meta = datasets.import_data(str(yaml_path), second, artifact)
     copied = Path(artifact.path)
     assert yaml.safe_load((copied / "data.yaml").read_text())["path"] == "."
     assert (copied / "labels" / "train" / "a.txt").read_text() == "0 0.5 0.5 0.3 0.3\n"
@@ -262,10 +263,10 @@ def test_git_rev_resolves_to_commit_sha(tmp_path):
     sha = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
     ).stdout.strip()
-    assert runtime.resolve_version(f"dvc://{repo}#data", "main") == sha
-    assert runtime.resolve_version(f"dvc://{repo}#data", "") == sha
+    assert datasets.resolve_version(f"dvc://{repo}#data", "main") == sha
+    assert datasets.resolve_version(f"dvc://{repo}#data", "") == sha
     with pytest.raises(UserError, match="git rev-parse"):
-        runtime.resolve_version(f"dvc://{repo}#data", "no-such-branch")
+        datasets.resolve_version(f"dvc://{repo}#data", "no-such-branch")
 
 
 def test_s3_source_is_downloaded_and_versioned_by_content(s3_env, s3_bucket, tmp_path):
@@ -276,16 +277,16 @@ def test_s3_source_is_downloaded_and_versioned_by_content(s3_env, s3_bucket, tmp
     storage = open_storage(f"s3://{s3_bucket}/datasets/tiny")
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         storage.put(path, path.relative_to(local).as_posix())
-    version = runtime.resolve_version(f"s3://{s3_bucket}/datasets/tiny")
+    version = datasets.resolve_version(f"s3://{s3_bucket}/datasets/tiny")
     assert version.startswith("s3-")
     artifact = FakeArtifact(tmp_path / "dataset")
-    runtime.import_data(f"s3://{s3_bucket}/datasets/tiny", version, artifact)
+    datasets.import_data(f"s3://{s3_bucket}/datasets/tiny", version, artifact)
     assert artifact.metadata["objects"] == 5
     assert (Path(artifact.path) / "images" / "val" / "a.jpg").read_bytes() == b"jpg"
     storage.put_bytes(b"changed", "images/val/a.jpg")
-    assert runtime.resolve_version(f"s3://{s3_bucket}/datasets/tiny") != version
+    assert datasets.resolve_version(f"s3://{s3_bucket}/datasets/tiny") != version
     with pytest.raises(UserError, match="no objects"):
-        runtime.resolve_version(f"s3://{s3_bucket}/datasets/none")
+        datasets.resolve_version(f"s3://{s3_bucket}/datasets/none")
 
 
 # ------------------------------------------------------------------------------------- step glue
@@ -307,7 +308,7 @@ def test_yolo_command_uses_torchrun_for_several_gpus():
 
 
 def _fake_step(calls: list, writes: dict[str, object], code: int = 0):
-    def run_yolo(step, args, gpus=0, allowed_exit_codes=(0,)):
+    def run_yolo(step, args, gpus=0, allowed_exit_codes=(0,), forward_signals=False):
         calls.append((step, [str(a) for a in args], gpus))
         out = Path(str(args[args.index("--out") + 1]))
         for name, content in writes.items():
@@ -454,9 +455,9 @@ def test_promote_versions_and_current_json(tmp_path):
         (Path(evaluation.path) / name).write_text(json.dumps(content))
     registry = tmp_path / "registry"
 
-    assert runtime.promote(model, evaluation, str(registry), "det", "img:1", "job-1") == "v1"
+    assert model_registry.promote(model, evaluation, str(registry), "det", "img:1", "job-1") == "v1"
     (Path(model.path) / "best.pt").write_bytes(b"weights-2")
-    assert runtime.promote(model, evaluation, str(registry), "det", "img:2", "job-2") == "v2"
+    assert model_registry.promote(model, evaluation, str(registry), "det", "img:2", "job-2") == "v2"
 
     current = json.loads((registry / "models/det/current.json").read_text())
     assert current["version"] == "v2" and current["metrics"]["map50"] == 0.6
@@ -464,8 +465,8 @@ def test_promote_versions_and_current_json(tmp_path):
     assert (registry / "models/det/v1/best.pt").read_bytes() == b"weights-1"
     card = json.loads((registry / current["card_key"]).read_text())
     assert (card["image"], card["pipeline_run"], card["run_id"]) == ("img:2", "job-2", "run-a")
-    assert runtime.current_model(str(registry), "det")["version"] == "v2"
-    assert runtime.current_model(str(registry), "other") is None
+    assert model_registry.current_model(str(registry), "det")["version"] == "v2"
+    assert model_registry.current_model(str(registry), "other") is None
 
 
 def test_dvc_source_imports_the_resolved_commit(tmp_path, monkeypatch):
@@ -495,11 +496,35 @@ def test_dvc_source_imports_the_resolved_commit(tmp_path, monkeypatch):
     sh(*git, "commit", "-qam", "v2 of the data")
 
     source = f"dvc://{repo}#data/tiny"
-    assert runtime.resolve_version(source, "main") != first
-    assert runtime.resolve_version(source, first) == first  # a full SHA is used as given
+    assert datasets.resolve_version(source, "main") != first
+    assert datasets.resolve_version(source, first) == first  # a full SHA is used as given
     artifact = FakeArtifact(tmp_path / "dataset")
-    runtime.import_data(source, first, artifact)
+    datasets.import_data(source, first, artifact)
     assert artifact.metadata["commit"] == first and artifact.metadata["path"] == "data/tiny"
     assert (Path(artifact.path) / "labels" / "val" / "a.txt").read_text() == "0 0.5 0.5 0.2 0.2\n"  # v1 bytes
     with pytest.raises(UserError, match="not a commit SHA"):
-        runtime.import_data(source, "main", FakeArtifact(tmp_path / "other"))
+        datasets.import_data(source, "main", FakeArtifact(tmp_path / "other"))
+
+
+def test_submit_time_code_imports_no_container_side_module():
+    """submit, retrain, run-local's parser and pytorchjob parse sources and check parameters with
+    components.sources/params; the step adapters, dataset materialisation and registry stay in the pods."""
+    code = (
+        "import sys\n"
+        "import pipelines.submit, pipelines.retrain, pipelines.pytorchjob\n"
+        "from pipelines.__main__ import build_parser\n"
+        "build_parser()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('components', 'boto3', 'torch')))\n"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == ["['components',", "'components.params',", "'components.sources']"]
+
+
+def test_docs_name_the_checkpoint_folder_the_train_step_uses():
+    assert runtime.checkpoint_uri("ROOT") == "ROOT/{run_id}"
+    for doc in ("architecture.md", "kubeflow.md"):
+        text = (REPO / "docs" / doc).read_text()
+        assert "checkpoint_root/{run_id}" in text and "pipeline_job_uuid" not in text, doc

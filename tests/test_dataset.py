@@ -26,11 +26,10 @@ from yolo.data.dataset import (
     label_path_for,
     list_split_images,
     load_data_config,
-    load_split,
     parse_data_config,
     parse_label_bytes,
 )
-from yolo.data.index import FileRecord
+from yolo.data.index import FileRecord, load_split
 from yolo.errors import UserError
 
 

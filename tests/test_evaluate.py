@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from yolo.data.dataset import load_data_config, load_split
+from yolo.data.dataset import load_data_config
+from yolo.data.index import load_split
 from yolo.errors import UserError
 from yolo.evaluate import (
     EvalConfig,
@@ -215,10 +216,16 @@ def _metrics(map50, map50_95, per_class):
             "per_class": [{"class": c, "name": f"c{c}", "map50_95": v} for c, v in per_class]}
 
 
-def test_gate_without_conditions_promotes():
-    gate = promotion_gate(_metrics(0.5, 0.3, [(0, 0.3)]))
-    assert gate["promote"] and gate["baseline"] is None and gate["regressed_classes"] == []
+def test_gate_without_conditions_does_not_promote_unless_asked():
+    gate = promotion_gate(_metrics(0.99, 0.9, [(0, 0.9)]))
+    assert not gate["promote"] and gate["baseline"] is None and gate["regressed_classes"] == []
+    assert gate["reasons"] == ["no gate configured (--min-map50, --baseline): not promoted "
+                               "(--promote-without-gate to promote)"]
     assert gate["delta"] == {"map50": None, "map50_95": None, "fitness": None}
+    asked = promotion_gate(_metrics(0.01, 0.0, []), promote_without_gate=True)
+    assert asked["promote"] and "promoted (--promote-without-gate)" in asked["reasons"][0]
+    # a criterion decides by itself; the flag only matters when there is none
+    assert not promotion_gate(_metrics(0.5, 0.3, []), min_map50=0.6, promote_without_gate=True)["promote"]
 
 
 def test_gate_min_map50():
@@ -295,6 +302,16 @@ def test_step_in_process_writes_everything_then_fails_min_map50(tmp_path, monkey
     assert code == 0
     gate = json.loads((tmp_path / "again" / "gate.json").read_text())
     assert gate["promote"] and gate["delta"]["fitness"] == 0 and gate["regressed_classes"] == []
+    assert metrics["cpu_threads"] == torch.get_num_threads()  # the thread rule's figure, recorded
+
+    # no criterion: a perfect model is still not promoted (exit 0, the reason printed) unless asked
+    capsys.readouterr()
+    args = ["evaluate", "--data", str(yaml), "--weights", "stand-in.pt", "--imgsz", "64", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "nogate")]) == 0
+    assert "do not promote (no gate configured" in capsys.readouterr().out
+    assert json.loads((tmp_path / "nogate" / "gate.json").read_text())["promote"] is False
+    assert main([*args, "--out", str(tmp_path / "asked"), "--promote-without-gate"]) == 0
+    assert json.loads((tmp_path / "asked" / "gate.json").read_text())["promote"] is True
 
 
 def test_cli_bad_device_and_empty_split_exit_2(cli, tmp_path):

@@ -336,7 +336,8 @@ def test_hsv_changes_pixels_not_boxes(index):
 
 
 def test_real_split_index_from_coco128(coco128_yaml):
-    from yolo.data.dataset import load_data_config, load_split
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import load_split
 
     index = load_split(load_data_config(coco128_yaml), "train")
     ds = TrainDataset(index, 128, Hyp(), seed=0)

@@ -187,3 +187,54 @@ def test_compile_refuses_bad_gpu_count(tmp_path, capsys):
         == "python -m pipelines compile: error: gpus=3: must be one of 0, 1, 2, 4, 8"
     )
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_toleration_and_image_compile_together(tmp_path):
+    """Issue 15, fix 1: parsing --toleration imported the component modules before --image was applied
+    (a traceback). In a fresh interpreter, as a user runs it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "p.yaml"
+    image = "registry.example/yolo:tolerated"
+    flags = ["--image", image, "--toleration", "gpu=true:NoSchedule", "--node-selector", "pool=gpu"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines", "compile", "--out", str(out), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    spec, platform = yaml.safe_load_all(out.read_text())
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {image}
+    train = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert train["tolerations"] == [{"key": "gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
+
+
+def test_every_task_requests_and_limits_cpu_and_memory(compiled):
+    """Issue 15, fix 6: a namespace with a ResourceQuota refuses pods without requests or limits."""
+    from pipelines.cluster import quantity
+
+    pipeline, _ = compiled
+    executors = json_format.MessageToDict(pipeline.deployment_spec)["executors"]
+    assert len(executors) == 7
+    for name, executor in executors.items():
+        resources = executor["container"].get("resources", {})
+        for kind in ("Cpu", "Memory"):
+            request, limit = resources.get(f"resource{kind}Request"), resources.get(f"resource{kind}Limit")
+            assert request and limit, (name, kind)
+            assert quantity(kind, limit) >= quantity(kind, request), (name, kind)
+    train = executors["exec-train"]["container"]["resources"]
+    assert (train["resourceCpuLimit"], train["resourceMemoryLimit"]) == ("16", "48Gi")  # shm 16Gi + 32Gi
+
+
+def test_limits_below_requests_are_one_line(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert main(["compile", "--out", str(out), "--train-memory", "32Gi", "--train-memory-limit", "16Gi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m pipelines compile: error: train memory limit 16Gi is below its request 32Gi"]
+    assert main(["compile", "--out", str(out), "--train-cpu-limit", "many"]) == 2
+    assert "not a Kubernetes quantity" in capsys.readouterr().err and not out.exists()

@@ -195,3 +195,17 @@ def test_single_node_job_has_only_a_master():
     assert shlex.join(pj.train_command(options)).startswith("torchrun --nnodes=1:1 --nproc-per-node=8 ")
     with pytest.raises(UserError, match="--checkpoint-uri is required"):
         pj.build_manifest(pj.JobOptions(nodes=2, gpus=1, image="i:1", train_args=["--data", "d"]))
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3])
+def test_elastic_policy_only_with_a_worker(nodes):
+    """Issue 15, fix 4: the Training Operator's webhook (v1.9, pytorchjob_webhook.go validateSpec) refuses
+    an elasticPolicy without a Worker replica; `--nodes 1` wrote one."""
+    options = pj.JobOptions(
+        nodes=nodes, gpus=2, checkpoint_uri="s3://b/c", image="img:1", train_args=["--data", "d"]
+    )
+    spec = pj.build_manifest(options)["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    assert ("elasticPolicy" in spec) == ("Worker" in replicas) == (nodes > 1)
+    assert replicas["Master"]["replicas"] == 1 and replicas.get("Worker", {}).get("replicas", 0) == nodes - 1
+    assert spec["nprocPerNode"] == "2"

@@ -172,3 +172,30 @@ def test_params_file_must_live_in_the_repository(repo, tmp_path):
     assert retrain.production_params_path(repo, Path("conf/prod.yaml")) == "conf/prod.yaml"
     with pytest.raises(UserError, match="must be inside the repository"):
         retrain.production_params_path(repo, tmp_path / "elsewhere.yaml")
+
+
+def test_namespace_from_the_production_params_file_reaches_a_multi_user_backend(repo):
+    """Issue 15, fix 2: on multi-user Kubeflow submit needs a namespace; production.yaml and the retrain
+    workflow never gave one, so CI retraining exited 2 there."""
+    import yaml
+
+    production = repo / "pipelines" / "production.yaml"
+    production.write_text("namespace: team-a\n" + production.read_text())
+    head = _commit(repo, {"data/coco.dvc": "outs:\n- md5: ddd.dir\n  path: coco\n"}, "new data")
+    server = submit_server.start(multi_user=True)
+    try:
+        argv = [sys.executable, "-m", "pipelines", "retrain", "--repo", str(repo), "--host", server.url,
+                "--token", "T", "--image", "ghcr.io/org/yolo-pipeline:" + head]  # fmt: skip
+        proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+        assert proc.returncode == 0, proc.stderr
+        assert len(server.created_runs()) == 1
+        (created,) = [r for r in server.requests if r.method == "POST" and r.path.endswith("/experiments")]
+        assert created.body["namespace"] == "team-a"
+    finally:
+        server.stop()
+
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "retrain.yml").read_text())
+    (step,) = [s for s in workflow["jobs"]["retrain"]["steps"] if "pipelines retrain" in s.get("run", "")]
+    assert step["env"]["KFP_NAMESPACE"] == "${{ vars.KFP_NAMESPACE }}"
+    assert 'args+=(--namespace "$KFP_NAMESPACE")' in step["run"]
+    assert "namespace" in yaml.safe_load((REPO / "pipelines" / "production.yaml").read_text())

@@ -88,7 +88,8 @@ def upstream_check_anchors_bpr(data_yaml: Path, imgsz: int, seed: int) -> float:
 
 def test_bpr_at_640_matches_upstream_check_anchors(coco128_yaml):
     from yolo.anchors import AutoAnchorConfig, fit_anchors
-    from yolo.data.dataset import load_data_config, load_split
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import load_split
 
     index = load_split(load_data_config(coco128_yaml), "train")
     p5 = np.array([[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]], float)

@@ -305,3 +305,17 @@ def test_wait_reports_the_final_state(capsys):
     assert sub.report(result) == 1
     assert capsys.readouterr().out.splitlines()[-1] == "state: FAILED"
     assert sub.report(sub.SubmitResult("r1", "u", "e", IMAGE, {}, state="SUCCEEDED")) == 0
+
+
+def test_submit_with_a_toleration_and_an_image():
+    """Issue 15, fix 1: the compile child crashed when given --toleration and --image together."""
+    state = submit_server.start()
+    try:
+        proc = _cli("submit", "--host", state.url, "--image", IMAGE, "--toleration", "gpu=true:NoSchedule")
+        assert proc.returncode == 0, proc.stderr
+        (run,) = state.created_runs()
+        platform = run.body["pipeline_spec"]["platform_spec"]
+        train = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+        assert train["tolerations"] == [{"key": "gpu", "operator": "Equal", "value": "true", "effect": "NoSchedule"}]
+    finally:
+        state.stop()

@@ -94,7 +94,8 @@ def test_checkpoints_are_safe_and_complete(tiny_run):
 
 
 def test_best_weights_evaluate(tiny_run):
-    from yolo.data.dataset import load_data_config, load_split
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import load_split
     from yolo.evaluate import EvalConfig, evaluate_model
     from yolo.model.yolo import DetectionModel
 

@@ -24,7 +24,8 @@ from tests.data_faults import (
     write,
     write_yaml,
 )
-from yolo.data.dataset import load_data_config, load_split
+from yolo.data.dataset import load_data_config
+from yolo.data.index import load_split
 
 
 def one_line_error(result, only_line: bool = True) -> str:

@@ -10,7 +10,6 @@ keeps the fittest.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from yolo.errors import UserError
+from yolo.untrusted import read_json_file
 
 LOG = logging.getLogger(__name__)
 PREFIX = "autoanchor: "
@@ -369,14 +369,7 @@ def load_anchors_json(path: str | os.PathLike) -> tuple[int, np.ndarray]:
 def read_anchors_json(path: str | os.PathLike) -> Any:
     """The parsed JSON of an anchors.json (not yet checked); UserError naming the file."""
     path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"anchors file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"anchors file {path}, line {e.lineno}: not valid JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read anchors file {path}: {e}") from None
+    return read_json_file(path, "anchors file")
 
 
 def parse_anchors_json(obj: Any, where: str = "anchors.json") -> tuple[int, np.ndarray]:

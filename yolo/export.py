@@ -72,10 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the file to write (e.g. model.onnx)")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
                         help="input size: one number, or h w")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
     parser.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
     parser.add_argument("--half", action="store_true", help="fp16 (CUDA only)")
-    parser.add_argument("--device", default="", help="cuda device (0) or cpu")
+    parser.add_argument("--device", default="", help="cuda device (0) or cpu (default: a GPU when there is one, else the CPU)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (12 or newer)")
 
 

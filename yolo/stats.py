@@ -113,7 +113,8 @@ def model_anchors(cfg: str | None, weights: str | None) -> tuple[np.ndarray, lis
 # ------------------------------------------------------------------------------------------------ the step
 def run_stats(config: StatsConfig) -> dict[str, Path]:
     """Write label_stats.json, labels.png, labels_correlogram.png and anchors.json under config.out."""
-    from yolo.data.dataset import load_data_config, load_split
+    from yolo.data.dataset import load_data_config
+    from yolo.data.index import load_split
     from yolo.plots.labels import plot_correlogram, plot_labels
 
     data = load_data_config(config.data)

@@ -35,6 +35,7 @@ from yolo.engine import setup as run_setup
 from yolo.engine.checkpointing import RunCheckpoints
 from yolo.engine.config import TrainConfig, add_arguments, config_from_args
 from yolo.engine.ema import ModelEMA, unwrap
+from yolo.engine.mirror import MidEpochMirror, interval_minutes
 from yolo.engine.nonfinite import NonFiniteGuard, cpu_copy
 from yolo.engine.optim import Schedule, build_optimizer, scaled_weight_decay
 from yolo.engine.preemption import EXIT_SIGTERM, StopRequested
@@ -84,6 +85,7 @@ class Loop:
     checkpoints: RunCheckpoints
     amp: bool
     nb: int  # batches per epoch
+    mirror: MidEpochMirror  # when to write last.pt mid-epoch (rank 0; off elsewhere)
     resumed_epoch_seconds: float = 0.0  # time already spent in a mid-epoch-resumed epoch
 
 
@@ -143,8 +145,9 @@ def build_loop(setup: RunSetup) -> Loop:
     guard = NonFiniteGuard(model, ema, optimizer, schedule, state, ctx, device, nb)
     if setup.resume_state is not None:
         restore_rng(setup.resume_state["train"]["rng"])  # last: nothing may draw between here and step one
+    mirror = MidEpochMirror(interval_minutes(cfg.checkpoint_uri, cfg.checkpoint_every) if ctx.is_main else 0)
     return Loop(setup, model, train_model, optimizer, ema, scaler, schedule, state, guard, report, checkpoints,
-                amp, nb, resumed_seconds)
+                amp, nb, mirror, resumed_seconds)
 
 
 def fit(loop: Loop, stop: StopRequested) -> TrainResult:
@@ -231,6 +234,8 @@ def train_one_epoch(loop: Loop, epoch: int, stop: StopRequested) -> bool:
             loop.report.close_bar()
             account_epoch_time(loop, t_epoch)
             return False
+        if i + 1 < loop.nb and loop.mirror.due():  # a node lost without SIGTERM costs <= N minutes
+            save_last(loop)
         t_wait = time.perf_counter()
     loop.report.close_bar()
     account_epoch_time(loop, t_epoch)
@@ -349,6 +354,7 @@ def save_last(loop: Loop) -> None:
     }
     weights = loop.ema.ema if loop.ema is not None else unwrap(loop.model)
     loop.checkpoints.save_last(weights, state.epoch - 1, entry)
+    loop.mirror.reset()
 
 
 # ------------------------------------------------------------------------------------------ endings
@@ -411,6 +417,7 @@ def train_json(loop: Loop) -> dict[str, Any]:
         "dataset_fingerprint": setup.dataset_fingerprint,
         "data_version": setup.cfg.data_version,
         "world_size": setup.ctx.world_size,
+        "cpu_threads": torch.get_num_threads(),  # yolo.device.cpu_threads; decides float summation order
         "nonfinite_steps": state.nonfinite_total,
         "peak_gpu_memory_gb": torch.cuda.max_memory_reserved(device) / 1e9 if device.type == "cuda" else None,
     }

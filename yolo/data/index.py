@@ -22,14 +22,20 @@ from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
 from yolo.data.dataset import (
+    IMAGE_TOO_LARGE,
     IMAGE_UNREADABLE,
     KEPT,
     KEPT_AS_BACKGROUND,
     LABEL_BAD_ROW,
     LABEL_MISSING,
+    LABEL_TOO_LARGE,
+    NOT_A_REGULAR_FILE,
+    OUTSIDE_DATASET,
     SKIPPED,
     DataConfig,
     SplitIndex,
@@ -41,10 +47,23 @@ from yolo.data.dataset import (
     parse_label_bytes,
     relative_to_root,
 )
+from yolo.errors import one_line
+from yolo.limits import MAX_IMAGE_BYTES, MAX_INDEX_BYTES, MAX_LABEL_BYTES
+from yolo.untrusted import NOT_A_REGULAR_FILE as REFUSED_NOT_REGULAR
+from yolo.untrusted import (
+    OUTSIDE_ROOT,
+    TOO_LARGE,
+    VIRTUAL_FILESYSTEM,
+    InputRefused,
+    check_zip_archive,
+    is_inside,
+    read_regular_file,
+)
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 INDEX_FORMAT = "yolo-pipeline-index"
 INDEX_VERSION = 1
+INDEX_MAX_ARRAYS = 64  # entries of a SPLIT.npz (it holds 12)
 PARALLEL_MIN_FILES = 32  # below this a pool costs more than it saves
 
 
@@ -67,46 +86,71 @@ class FileRecord:
 
 
 # ---------------------------------------------------------------------------------------------- one file
-def _read(path: str) -> tuple[bytes, os.stat_result]:
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        return f.read(), st
+_REFUSED_CODES = {  # InputRefused code -> (problem code for an image, for a label)
+    REFUSED_NOT_REGULAR: (NOT_A_REGULAR_FILE, NOT_A_REGULAR_FILE),
+    TOO_LARGE: (IMAGE_TOO_LARGE, LABEL_TOO_LARGE),
+    OUTSIDE_ROOT: (OUTSIDE_DATASET, OUTSIDE_DATASET),
+    VIRTUAL_FILESYSTEM: (OUTSIDE_DATASET, OUTSIDE_DATASET),
+}
 
 
-def verify_file(task: tuple[str, str, str, str, int, tuple[str, str] | None]) -> FileRecord | tuple:
+def _read(path: str, real_root: str, max_bytes: int, what: str) -> tuple[bytes, os.stat_result]:
+    """A dataset file's bytes: only a regular file, inside the dataset root after resolving symlinks, of at
+    most max_bytes (InputRefused otherwise; the file's content is never quoted)."""
+    if not is_inside(os.path.realpath(path), real_root):
+        raise InputRefused(OUTSIDE_ROOT, "resolves (through a symlink) to outside the dataset root: not read")
+    return read_regular_file(path, max_bytes, what)
+
+
+def _refusal(e: InputRefused, kind: int) -> tuple[str, str]:
+    """(problem code, message without the path: the report names the file) of a refused image or label."""
+    return _REFUSED_CODES.get(e.code, (IMAGE_UNREADABLE, LABEL_BAD_ROW))[kind], e.detail
+
+
+def verify_file(task: tuple[str, str, str, str, int, tuple[str, str] | None, str]) -> FileRecord | tuple:
     """Read, hash and check one image/label pair (bytes read once).
 
-    task = (image_abs, label_abs, image_rel, label_rel, nc, expected_hashes). With expected hashes that
-    match the bytes on disk, returns only ('same', sizes, mtimes) so the caller reuses its record.
+    task = (image_abs, label_abs, image_rel, label_rel, nc, expected_hashes, real_root). With expected
+    hashes that match the bytes on disk, returns only ('same', sizes, mtimes) so the caller reuses its record.
     """
-    image_abs, label_abs, image_rel, label_rel, nc, expected = task
+    image_abs, label_abs, image_rel, label_rel, nc, expected, real_root = task
+    problems: list[tuple[str, str, str, str]] = []
     try:
-        image_bytes, st = _read(image_abs)
+        image_bytes, st = _read(image_abs, real_root, MAX_IMAGE_BYTES, "image")
         image_stat, image_error = (st.st_size, st.st_mtime_ns), None
     except OSError as e:
         image_bytes, image_stat, image_error = b"", (-1, -1), e.strerror or str(e)
+    except InputRefused as e:
+        image_bytes, image_stat, image_error = b"", (-1, -1), ""
+        code, message = _refusal(e, 0)
+        problems.append((code, image_rel, message, SKIPPED))
     try:
-        label_bytes, lst = _read(label_abs)
+        label_bytes, lst = _read(label_abs, real_root, MAX_LABEL_BYTES, "label file")
         label_stat, label_error, label_exists = (lst.st_size, lst.st_mtime_ns), None, True
     except FileNotFoundError:
         label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), None, False
-    except OSError as e:  # a folder named like the label, no permission, ...
+    except OSError as e:  # no permission, ...
         label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), e.strerror or str(e), True
+    except InputRefused as e:
+        label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), _refusal(e, 1), True
     image_hash = content_hash(image_bytes) if image_error is None else ""
     label_hash = content_hash(label_bytes) if label_exists and label_error is None else ""
     if expected is not None and image_error is None and expected == (image_hash, label_hash):
         return ("same", image_stat, label_stat)
 
-    problems: list[tuple[str, str, str, str]] = []
     labels = np.zeros((0, 5), np.float32)
     if image_error is not None:
         shape, usable = None, False
-        problems.append((IMAGE_UNREADABLE, image_rel, f"cannot read: {image_error}", SKIPPED))
+        if image_error:  # "" when refused: the problem is already recorded
+            problems.append((IMAGE_UNREADABLE, image_rel, f"cannot read: {image_error}", SKIPPED))
     else:
         shape, image_problems, usable = check_image_bytes(image_bytes)
         problems += [(code, image_rel, msg, KEPT if usable else SKIPPED) for code, msg in image_problems]
     if usable:
-        if label_error is not None:
+        if isinstance(label_error, tuple):  # refused (not regular, too large, outside the root)
+            usable = False
+            problems.append((label_error[0], label_rel, label_error[1], SKIPPED))
+        elif label_error is not None:
             usable = False
             problems.append((LABEL_BAD_ROW, label_rel, f"cannot read: {label_error}", SKIPPED))
         elif not label_exists:
@@ -126,8 +170,6 @@ def available_cpus() -> int:
 
 
 def _init_worker() -> None:
-    import cv2
-
     cv2.setNumThreads(1)  # one decode per worker; the pool provides the parallelism
 
 
@@ -140,8 +182,6 @@ def parallel_map(fn: Callable, tasks: list, workers: int = 0, executor: str = "t
     """
     workers = max(1, min(workers or available_cpus(), len(tasks)))
     if progress is not None:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(tasks), desc=progress, unit="img", leave=False, disable=None, dynamic_ncols=True)
     else:
         bar = None
@@ -172,7 +212,7 @@ def parallel_map(fn: Callable, tasks: list, workers: int = 0, executor: str = "t
 
 # ---------------------------------------------------------------------------------------------- a split
 def yaml_hash(data: DataConfig) -> str:
-    return content_hash(data.yaml_path.read_bytes())
+    return data.yaml_sha256
 
 
 def split_fingerprint(yaml_sha: str, split: str, records: list[FileRecord]) -> str:
@@ -199,7 +239,7 @@ def dataset_fingerprint_of(data: DataConfig, index_dir: str | os.PathLike | None
     fps = dict(known or {})
     for split in data.splits:
         if split not in fps:
-            fps[split] = build_split_index(data, split, index_dir).fingerprint
+            fps[split] = load_split(data, split, index_dir).fingerprint
     return dataset_fingerprint(yaml_hash(data), {s: fps[s] for s in data.splits})
 
 
@@ -219,10 +259,11 @@ def verify_split(data: DataConfig, split: str, images: list[Path] | None = None,
             records[i] = old
             continue
         expected = (old.image_hash, old.label_hash) if old is not None else None
-        tasks.append((str(image), str(label), rel, relative_to_root(label, data.root), data.nc, expected))
+        tasks.append((str(image), str(label), rel, relative_to_root(label, data.root), data.nc, expected,
+                      data.real_root))
         slots.append(i)
     if previous and tasks:
-        LOGGER.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
+        LOG.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
     desc = f"{split}: verifying {len(tasks)} images" if progress else None
     for slot, task, result in zip(slots, tasks, parallel_map(verify_file, tasks, workers, executor, desc),
                                   strict=True):
@@ -267,9 +308,10 @@ def split_index_from_records(data: DataConfig, split: str, records: list[FileRec
         fingerprint=fingerprint, skipped=[r.image for r in records if not r.usable], split=split)
 
 
-def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
-                      single_cls: bool = False) -> SplitIndex:
-    """load_split's body: reuse validate's index where it still holds, verify the rest in-process."""
+def load_split(data: DataConfig, split: str, index_dir: str | os.PathLike | None = None,
+               single_cls: bool = False) -> SplitIndex:
+    """The verified usable images of `split`: from validate's index when it still matches the files on
+    disk (changed files are re-verified), else verified in-process (nothing written)."""
     yaml_sha = yaml_hash(data)
     previous = None
     if index_dir is not None:
@@ -284,7 +326,7 @@ def build_split_index(data: DataConfig, split: str, index_dir: str | os.PathLike
         raise UserError(f"{data.yaml_path}: split `{split}` has no usable images ({len(index.skipped)} skipped; "
                         f"run `yolo-pipeline validate` for the reasons)")
     if index.skipped:
-        LOGGER.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
+        LOG.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
                     f"(see validate's report.json)")
     return index
 
@@ -344,23 +386,26 @@ def read_split_records(index_dir: Path, split: str, yaml_sha: str) -> dict[str, 
     """The stored records of `split` by relative path, or None (logged) when the index cannot be used."""
     meta_path = index_dir / "index.json"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular_file(meta_path, MAX_INDEX_BYTES, "index")[0].decode("utf-8"))
         if meta.get("format") != INDEX_FORMAT or meta.get("version") != INDEX_VERSION:
             raise ValueError(f"format {meta.get('format')} v{meta.get('version')}, need {INDEX_FORMAT} "
                              f"v{INDEX_VERSION}")
         if meta.get("data_yaml_sha256") != yaml_sha:
-            LOGGER.warning(f"index {index_dir} was built for a different data.yaml; verifying in-process")
+            LOG.warning(f"index {index_dir} was built for a different data.yaml; verifying in-process")
             return None
         if split not in meta["splits"]:
-            LOGGER.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
+            LOG.warning(f"index {index_dir} has no `{split}` split; verifying in-process")
             return None
-        with np.load(index_dir / meta["splits"][split]["arrays"], allow_pickle=False) as z:
+        arrays_path = index_dir / str(meta["splits"][split]["arrays"])
+        if check_zip_archive(arrays_path, "index", MAX_INDEX_BYTES, INDEX_MAX_ARRAYS) is None:
+            raise ValueError(f"{arrays_path} is not an .npz archive")
+        with np.load(arrays_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError as e:
         raise UserError(f"index not found: {e.filename} (run `yolo-pipeline validate --out DIR` and pass "
                         f"DIR/index)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        LOGGER.warning(f"index {index_dir} is unreadable ({e}); verifying in-process")
+    except (OSError, ValueError, KeyError, TypeError, UserError) as e:
+        LOG.warning(f"index {index_dir} is unreadable ({one_line(e)}); verifying in-process")
         return None
     offsets = np.concatenate([[0], np.cumsum(arrays["box_count"])])
     problems: dict[int, list] = {}

@@ -25,7 +25,7 @@ from yolo.argtypes import int_at_least
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 CLASS_NAMES = ("circle", "square", "triangle", "cross")
 CLASS_COLOURS_BGR = ((50, 50, 220), (60, 200, 60), (220, 110, 40), (40, 210, 235))  # red, green, blue, yellow
 SPLIT_IDS = {"train": 0, "val": 1}
@@ -183,7 +183,7 @@ def write_sample_dataset(cfg: SampleConfig) -> Path:
         raise UserError(f"cannot write the sample dataset into {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    LOGGER.info(f"sample dataset: {cfg.train} train + {cfg.val} val images ({cfg.imgsz} px) in {out}")
+    LOG.info(f"sample dataset: {cfg.train} train + {cfg.val} val images ({cfg.imgsz} px) in {out}")
     return out / "data.yaml"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -17,17 +18,18 @@ from yolo.argtypes import float_between, int_at_least
 from yolo.data.dataset import (
     FATAL,
     NAMES_MISMATCH,
+    SKIPPED,
     SPLIT_EMPTY,
     SPLIT_TOO_MANY_BAD,
     SplitSourceMissing,
-    list_split_images,
     parse_data_config,
+    scan_split,
 )
 from yolo.data.index import dataset_fingerprint, split_fingerprint, verify_split, write_index, yaml_hash
-from yolo.errors import UserError
+from yolo.errors import UserError, escape_control
 from yolo.files import prepare_out_dir, write_json, write_text
 
-LOGGER = logging.getLogger(__name__)
+LOG = logging.getLogger(__name__)
 DEFAULT_MAX_BAD_FRACTION = 0.05  # a split with more than 5 % unusable images fails the step
 REPORT_MD_FILES_PER_CODE = 10
 
@@ -72,11 +74,12 @@ def validate(cfg: ValidateConfig) -> dict:
     split_records, split_fps = {}, {}
     for split in data.splits:
         try:
-            images = list_split_images(data, split)
+            listing = scan_split(data, split)
         except SplitSourceMissing as e:
             images, missing = [], str(e)
         else:
-            missing = None
+            images, missing = listing.images, None
+            problems += [_problem(split, path, code, message, SKIPPED) for code, path, message in listing.refused]
         if not images:
             sources = ", ".join(str(s) for s in data.splits[split])
             problems.append(_problem(split, sources, SPLIT_EMPTY, missing or f"no images in {sources}", FATAL))
@@ -101,7 +104,7 @@ def validate(cfg: ValidateConfig) -> dict:
             "boxes": int(sum(len(r.labels) for r in usable)), "skipped": skipped,
             "problems": len(split_problems), "fingerprint": split_fps[split]}
         problems += split_problems
-        LOGGER.info(f"{split}: {len(records)} images, {len(usable)} usable, {splits[split]['backgrounds']} "
+        LOG.info(f"{split}: {len(records)} images, {len(usable)} usable, {splits[split]['backgrounds']} "
                     f"backgrounds, {splits[split]['boxes']} boxes, {len(split_problems)} problems")
 
     fatal = [p for p in problems if p["action"] == FATAL]
@@ -120,14 +123,34 @@ def validate(cfg: ValidateConfig) -> dict:
     if not ok:
         more = f" (+{len(fatal) - 1} more)" if len(fatal) > 1 else ""
         raise UserError(f"{fatal[0]['code']}: {fatal[0]['message']}{more}; see {out / 'report.json'}")
-    LOGGER.info(f"dataset fingerprint {fingerprint}; report {out / 'report.json'}")
+    LOG.info(f"dataset fingerprint {fingerprint}; report {out / 'report.json'}")
     return report
+
+
+_MARKDOWN_SPECIAL = {ord(c): f"\\{c}" for c in "\\`*_[]<>!|#~&"}
+
+
+def md_code(text: str) -> str:
+    """`text` as one inline code span: control characters shown as escapes (a newline cannot end the
+    line), fenced with more backticks than any run inside it (CommonMark), so nothing in a file name
+    becomes Markdown."""
+    text = escape_control(text)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_text(text: str) -> str:
+    """Plain text that stays plain in Markdown: control characters shown as escapes, markup characters
+    backslash-escaped (messages quote bits of labels and file names)."""
+    return escape_control(str(text).translate(_MARKDOWN_SPECIAL))
 
 
 def report_markdown(report: dict) -> str:
     """A human summary: counts per split, problems grouped by code, the first files of each."""
     lines = [f"# Dataset validation: {'OK' if report['ok'] else 'FAILED'}", "",
-             f"- data: `{report['data']}`", f"- root: `{report['root']}`",
+             f"- data: {md_code(report['data'])}", f"- root: {md_code(report['root'])}",
              f"- classes: {report['nc']}", f"- max bad fraction: {report['max_bad_fraction']:g}",
              f"- fingerprint: `{report['fingerprint']}`", "",
              "| split | images | usable | skipped | backgrounds | boxes | problems |",
@@ -151,7 +174,7 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"### {code} ({len(items)})", ""]
         for p in items[:REPORT_MD_FILES_PER_CODE]:
             where = f"{p['split']}: " if p["split"] else ""
-            lines.append(f"- {where}`{p['file']}`: {p['message']} ({p['action']})")
+            lines.append(f"- {where}{md_code(p['file'])}: {md_text(p['message'])} ({p['action']})")
         if len(items) > REPORT_MD_FILES_PER_CODE:
             lines.append(f"- ... and {len(items) - REPORT_MD_FILES_PER_CODE} more in report.json")
     return "\n".join(lines) + "\n"

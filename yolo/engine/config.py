@@ -55,6 +55,7 @@ class TrainConfig:
     data_version: str | None = None
     tensorboard: bool = False
     checkpoint_uri: str | None = None
+    checkpoint_every: float | None = None  # minutes between mid-epoch last.pt; None: yolo.engine.mirror's default
     resume: str | None = None  # None: automatic; "": this run's own last.pt; else a DIR, file or URI
     sync_bn: bool = False
     trust_unverified: bool = False  # resume from a stored last.pt without a recorded SHA-256
@@ -93,9 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--imgsz", "--img", "--img-size", type=int_at_least(1), default=d.imgsz, help="train/val image size (px)")
     a("--device", help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
     a("--workers", type=int_at_least(0), help=f"loader workers per process, at most (default {d.workers})")
-    a("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    a("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
     a("--cos-lr", action="store_true", help="cosine one-cycle lr schedule (default linear)")
-    a("--label-smoothing", type=float_between(0, 1, high_open=True), default=d.label_smoothing)
+    a("--label-smoothing", type=float_between(0, 1, high_open=True), default=d.label_smoothing,
+      help="class label smoothing epsilon")
     a("--patience", type=int_at_least(0), default=d.patience, help="epochs without improvement before stopping")
     a("--freeze", type=int_at_least(0), nargs="+", default=d.freeze,
       help="freeze the first N layers (one number) or the listed layer indices")
@@ -107,7 +109,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quad", action="store_true", help="quad collate (4 images per 2x-size image)")
     a("--single-cls", action="store_true", help="train every class as one")
     a("--noval", action="store_true", help="validate only after the last epoch")
-    a("--seed", type=int, default=d.seed)
+    a("--seed", type=int, default=d.seed, help="global training seed")
     a("--deterministic", action="store_true", help="deterministic algorithms (exact resume on CPU)")
     a("--index", type=Path, help="validate step's DIR/index to reuse")
     a("--data-version", help="opaque data version label recorded in outputs (a DVC md5, a git SHA)")
@@ -116,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "{run_id} in it becomes the run identity (ROOT/{run_id}: restarts resume)")
     a("--resume", nargs="?", const="", default=None, metavar="DIR|URI",
       help="continue a run: its folder, last.pt or s3:// URI (no value: --out / --checkpoint-uri)")
+    a("--checkpoint-every", type=float_between(0), metavar="MINUTES",
+      help="also write last.pt mid-epoch every MINUTES (0: off; default 10 with a remote --checkpoint-uri, else off)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (GPU only)")
     a("--trust-unverified", action="store_true",
       help="resume from a stored last.pt that has no recorded SHA-256 (rewritten by another tool)")

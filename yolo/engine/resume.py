@@ -31,7 +31,7 @@ from yolo.engine.distributed import DistContext
 from yolo.engine.ema import ModelEMA, unwrap
 from yolo.engine.state import TrainState
 from yolo.errors import UserError
-from yolo.model.checkpoint import model_from_checkpoint
+from yolo.model.checkpoint import load_weights_only, model_from_checkpoint
 from yolo.redact import redact
 from yolo.storage import is_remote, open_storage
 
@@ -47,7 +47,9 @@ Found = tuple[dict[str, Any], str]  # (last.pt's dict, where it was read from)
 
 def read_last(path: Path) -> dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(path)  # budgets checked before anything is inflated
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: say which and why
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or "train" not in ckpt or "run_id" not in ckpt:

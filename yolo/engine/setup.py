@@ -21,8 +21,8 @@ import torch
 import yaml
 
 from yolo.anchors import check_anchors_inline, read_anchors_json
-from yolo.data.dataset import SplitIndex, load_data_config, load_split
-from yolo.data.index import dataset_fingerprint_of
+from yolo.data.dataset import SplitIndex, load_data_config
+from yolo.data.index import dataset_fingerprint_of, load_split
 from yolo.data.loader import TrainDataset, TrainLoader, create_train_loader
 from yolo.device import cpu_threads, select_device
 from yolo.engine import distributed as dist_utils
@@ -106,7 +106,7 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
     dist_utils.init_distributed(ctx, device)
     _seed_everything(cfg.seed, cfg.deterministic, device)
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(ctx, cfg.deterministic))
+        torch.set_num_threads(cpu_threads(processes=ctx.local_world_size))  # yolo.device's one rule
     out = prepare_out_dir(cfg.out)
     if cfg.checkpoint_uri and ctx.is_main:
         root = cfg.checkpoint_uri.split(RUN_ID_PLACEHOLDER)[0].rstrip("/") or cfg.checkpoint_uri
@@ -201,12 +201,6 @@ def _resume_decision(cfg: TrainConfig, ctx: DistContext, out: Path, run_id: str,
         LOG.info(redact(f"resuming run {run_id} from {source}: epoch {ckpt['train']['epoch']}, "
                         f"batch {ckpt['train']['iteration']}"))
     return found
-
-
-def _cpu_threads(ctx: DistContext, deterministic: bool) -> int:
-    """The cores this process may use (shared between local ranks), by yolo.device.cpu_threads' rule."""
-    threads = dist_utils.cpu_threads_per_rank(ctx)
-    return cpu_threads(threads, threads * max(1, ctx.local_world_size), adapt_to_load=not deterministic)
 
 
 def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from yolo.errors import UserError, did_you_mean
 from yolo.files import atomic_path
+from yolo.limits import MAX_CHECKPOINT_BYTES
 
 LOG = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0"
@@ -52,22 +53,23 @@ def resolve_weights(spec: str | os.PathLike) -> Path:
                     "yolov5s.pt, or an https:// URL)")
 
 
-def _cache_path(url: str) -> Path:
+def _cache_path(url: str, kind: str = "weights") -> Path:
     parsed = urllib.parse.urlsplit(url)
     name = Path(urllib.parse.unquote(parsed.path)).name or "weights.pt"
     # one folder per URL without its fragment: same name from two servers never collides
     key = hashlib.sha256(urllib.parse.urlunsplit(parsed._replace(fragment="")).encode()).hexdigest()[:16]
-    return cache_dir() / "weights" / key / name
+    return cache_dir() / kind / key / name
 
 
-def download(url: str) -> Path:
-    """Download `url` into the cache (once); `#sha256=HEX` in the URL is verified. UserError when it fails."""
+def download(url: str, kind: str = "weights") -> Path:
+    """Download `url` into the cache (once); `#sha256=HEX` in the URL is verified. UserError when it fails.
+    kind names the cache subfolder: "weights", or "sources" for predict's --source URLs."""
     parsed = urllib.parse.urlsplit(url)
     expected_sha = None
     frag = urllib.parse.parse_qs(parsed.fragment)
     if "sha256" in frag:
         expected_sha = frag["sha256"][0].lower()
-    target = _cache_path(url)
+    target = _cache_path(url, kind)
     if target.is_file():
         if expected_sha and _sha256(target) != expected_sha:
             LOG.info("cached %s does not match its sha256; downloading again", target)
@@ -81,12 +83,18 @@ def download(url: str) -> Path:
         request = urllib.request.Request(clean_url, headers={"User-Agent": "yolo-pipeline"})
         with urllib.request.urlopen(request, timeout=timeout) as response, atomic_path(target) as tmp:
             expected_size = response.headers.get("Content-Length")
+            if expected_size is not None and int(expected_size) > MAX_CHECKPOINT_BYTES:
+                raise UserError(f"cannot download {clean_url}: {expected_size} bytes, more than the "
+                                f"{MAX_CHECKPOINT_BYTES} a checkpoint may have")
             digest, size = hashlib.sha256(), 0
             with open(tmp, "wb") as f:
                 while chunk := response.read(CHUNK):
                     f.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
+                    if size > MAX_CHECKPOINT_BYTES:  # a server that sends no length, or lies about it
+                        raise UserError(f"cannot download {clean_url}: more than the {MAX_CHECKPOINT_BYTES} "
+                                        "bytes a checkpoint may have")
             if expected_size is not None and size != int(expected_size):
                 raise UserError(f"cannot download {clean_url}: incomplete, {size} of {expected_size} bytes")
             if size == 0:
@@ -99,8 +107,9 @@ def download(url: str) -> Path:
     except urllib.error.HTTPError as e:
         raise UserError(f"cannot download {clean_url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        raise UserError(f"cannot download {clean_url}: {_reason(e.reason)} (offline? put the file locally "
-                        f"or set {BASE_URL_ENV} to a mirror)") from None
+        mirror = f" or set {BASE_URL_ENV} to a mirror" if kind == "weights" else ""
+        raise UserError(f"cannot download {clean_url}: {_reason(e.reason)} (offline? put the file locally"
+                        f"{mirror})") from None
     except TimeoutError as e:
         raise UserError(f"cannot download {clean_url}: timed out after {timeout:g} s ({e})") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # reset mid-body, IncompleteRead, bad URL

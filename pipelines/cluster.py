@@ -1,0 +1,102 @@
+"""The pipeline's compile-time shape: where and with what its pods run (`ClusterOptions`).
+
+Kept apart from pipelines/training.py, which imports kfp and the component modules: those read the image
+when first imported, so parsing `--toleration` (or anything else) must not import them before `--image`
+is applied.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from components import pipeline_image
+from components.params import check_gpus
+from yolo.errors import UserError
+
+TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+_QUANTITY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_UNIT = {"m": 1e-3, None: 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_UNIT |= {f"{p}i": 2.0 ** (10 * (i + 1)) for i, p in enumerate("KMGTPE")}
+
+
+def quantity(name: str, text: str) -> float:
+    """A Kubernetes resource quantity (500m, 8, 32Gi, 1.5G) as a number; UserError for anything else."""
+    match = _QUANTITY.match(str(text).strip())
+    if not match:
+        raise UserError(f"{name}={text!r}: not a Kubernetes quantity (e.g. 500m, 8, 32Gi)")
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str
+    operator: str = "Equal"  # or "Exists"
+    value: str | None = None
+    effect: str | None = None  # NoSchedule, PreferNoSchedule, NoExecute
+
+
+def parse_toleration(text: str) -> Toleration:
+    """KEY[=VALUE][:EFFECT] → Toleration (operator Equal with a value, Exists without); ValueError if not."""
+    spec, _, effect = text.partition(":")
+    key, sep, value = spec.partition("=")
+    if not key:
+        raise ValueError(f"expected KEY[=VALUE][:EFFECT], got {text!r}")
+    if effect and effect not in TOLERATION_EFFECTS:
+        raise ValueError(f"toleration effect {effect!r}: {', '.join(TOLERATION_EFFECTS[:-1])} or NoExecute")
+    return Toleration(
+        key=key, operator="Equal" if sep else "Exists", value=value if sep else None, effect=effect or None
+    )
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Requests and limits of one kind of task. Every task has both: a namespace whose ResourceQuota
+    counts requests or limits refuses pods that leave either out."""
+
+    cpu: str
+    memory: str
+    cpu_limit: str
+    memory_limit: str
+
+    def check(self, what: str) -> None:
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, kind), getattr(self, f"{kind}_limit")
+            if quantity(f"{what} {kind}", request) > quantity(f"{what} {kind} limit", limit):
+                raise UserError(f"{what} {kind} limit {limit} is below its request {request}")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Compile-time settings: where and with what the steps' pods run."""
+
+    gpus: int = 1  # per train pod: 0 (CPU), 1, 2, 4 or 8 (torchrun, one process per GPU)
+    image: str = field(default_factory=pipeline_image)
+    s3_secret: str = (
+        "yolo-s3-credentials"  # a Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; "" = none
+    )
+    s3_endpoint: str = ""  # AWS_ENDPOINT_URL for MinIO or another S3-compatible store; "" = AWS
+    train_cpu: str = "8"
+    train_memory: str = "32Gi"
+    # Limits: memory also covers /dev/shm (a Memory emptyDir counts against the pod's memory limit).
+    train_cpu_limit: str = "16"
+    train_memory_limit: str = "48Gi"
+    shm_size: str = "16Gi"  # memory-backed /dev/shm for DataLoader workers (the 64 MiB default is too small)
+    # import, validate, stats, evaluate: data-sized work
+    step: Resources = Resources(cpu="2", memory="8Gi", cpu_limit="4", memory_limit="8Gi")
+    # resolve (a git ls-remote or an S3 listing) and promote (a few uploads)
+    light_step: Resources = Resources(cpu="500m", memory="1Gi", cpu_limit="1", memory_limit="2Gi")
+    train_retries: int = 3  # pod retries; each resumes from checkpoint_root/<run identity>
+    node_selector: dict[str, str] = field(default_factory=dict)  # train pods only
+    tolerations: tuple[Toleration, ...] = ()  # train pods only
+
+    def __post_init__(self) -> None:
+        check_gpus(self.gpus)
+        self.train.check("train")
+        self.step.check("step")
+        self.light_step.check("light step")
+        quantity("shm_size", self.shm_size)
+
+    @property
+    def train(self) -> Resources:
+        return Resources(self.train_cpu, self.train_memory, self.train_cpu_limit, self.train_memory_limit)
