@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import struct
@@ -83,12 +84,12 @@ def run_measured(*args, sandbox: Sandbox) -> Run:
                    measured["maxrss_kib"] // 1024)
 
 
-def state(root: Path, skip: Path) -> dict[str, tuple]:
+def state(root: Path, skip: tuple[Path, ...]) -> dict[str, tuple]:
     """Every entry under root (symlinks not followed, FIFOs and devices never opened) with its kind, size,
     mtime and, for regular files under 1 MiB, content hash."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if Path(dirpath, d) != skip]
+        dirnames[:] = [d for d in dirnames if Path(dirpath, d) not in skip]
         for name in dirnames + filenames:
             p = Path(dirpath, name)
             st = p.lstat()
@@ -114,11 +115,18 @@ class Sandbox:
 
     def snapshot(self) -> None:
         """Record the state to compare with after the test (call once the hostile input is in place)."""
-        self.before = state(self.root, self.root / "out")
+        self.before = state(self.root, self._own())
+
+    def _own(self) -> tuple[Path, ...]:
+        """out/ (the CLI's to write), cwd/ and tmp/ (checked to stay empty instead)."""
+        return self.root / "out", self.root / "cwd", self.root / "tmp"
 
     def check_untouched(self) -> None:
         assert self.before is not None, "the test must snapshot the sandbox before running the CLI"
-        assert state(self.root, self.root / "out") == self.before, "something outside --out was written or changed"
+        # torch's compiler creates its cache folder in TMPDIR when train starts: torch's, not an output
+        for cache in (self.root / "tmp").glob("torchinductor_*"):
+            shutil.rmtree(cache)
+        assert state(self.root, self._own()) == self.before, "something outside --out was written or changed"
         assert not any((self.root / "cwd").iterdir()) and not any((self.root / "tmp").iterdir())
 
 
@@ -326,6 +334,19 @@ def test_checkpoint_attacks_are_one_line(sandbox, monkeypatch, attack):
     run = run_measured("convert", "--weights", weights, "--out", sandbox / "out" / "converted.pt", sandbox=sandbox)
     refused(run, "convert", expected, test_id=f"checkpoint {attack}")
     assert not (sandbox / "out" / "converted.pt").exists()
+
+
+@pytest.mark.parametrize("attack", ["inflating_storage", "shared_references"])
+def test_tampered_last_pt_is_refused_on_resume(sandbox, monkeypatch, attack):
+    """--resume reads last.pt with weights_only through the same budgets (yolo.model.checkpoint.load_weights_only)."""
+    make, expected = CHECKPOINT_ATTACKS[attack]
+    run_dir = sandbox / "out"  # a resumed run writes into its own folder: that is its --out
+    (run_dir / "weights").mkdir(parents=True)
+    make(run_dir / "weights" / "last.pt", monkeypatch)
+    sandbox.snapshot()
+    run = run_measured("train", "--resume", run_dir, "--device", "cpu", sandbox=sandbox)
+    refused(run, "train", expected, test_id=f"resume {attack}")
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["last.pt", "weights"]
 
 
 # ---------------------------------------------------------------------------------------------- images, labels

@@ -1,12 +1,15 @@
 """Reading input that a user, or an attacker with control of one input, hands a step: within budgets.
 
-Three rules, each checked before anything is allocated for the input (the numbers: yolo/limits.py):
+Each rule is checked before anything is allocated for the input (the numbers: yolo/limits.py):
 - files: only regular files are opened (a FIFO, a device or a socket never is), and their size is
   checked before they are read; nothing under a virtual filesystem (/proc, /sys, /dev) is read;
+- zip archives (checkpoints, .npz): entry count and declared sizes checked from the directory,
+  before any entry is inflated;
 - yaml: safe tags only, nesting and the node count after alias expansion bounded, recursive aliases
   refused, all before a single Python object is built ("billion laughs" fails in microseconds);
-- plain data from a checkpoint (a cfg, names): no cycles, bounded nesting and expanded size.
-A refusal is an `InputRefused` (a UserError: one line, exit 2) that carries a stable `code`.
+- JSON and plain data from a checkpoint (a cfg, names): no cycles, bounded nesting and expanded size.
+A refusal is an `InputRefused` (a UserError: one line, exit 2) that carries a stable `code`, or a
+plain UserError.
 """
 
 from __future__ import annotations
@@ -67,17 +70,24 @@ def check_regular(st: os.stat_result, path: str | os.PathLike, max_bytes: int, w
         raise InputRefused(TOO_LARGE, f"{what} {path} {detail}", detail)
 
 
+def check_file(path: str | os.PathLike, max_bytes: int, what: str) -> os.stat_result:
+    """The stat of a regular file of at most max_bytes outside the virtual filesystems (InputRefused
+    otherwise; OSError as os raises it), found without opening it."""
+    if in_virtual_filesystem(os.path.realpath(path)):
+        detail = f"lies in a virtual filesystem ({', '.join(VIRTUAL_FILESYSTEMS)}): not read"
+        raise InputRefused(VIRTUAL_FILESYSTEM, f"{what} {path} {detail}", detail)
+    st = os.stat(path)
+    check_regular(st, path, max_bytes, what)
+    return st
+
+
 def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> tuple[bytes, os.stat_result]:
     """(bytes, stat) of a regular file of at most max_bytes; InputRefused otherwise, OSError as os raises it.
 
     The kind is checked with stat before the file is opened (opening a tape device or a FIFO has
     effects of its own), and again on the open file with O_NONBLOCK, so a file swapped for a FIFO in
     between cannot make the read hang."""
-    real = os.path.realpath(path)
-    if in_virtual_filesystem(real):
-        detail = f"lies in a virtual filesystem ({', '.join(VIRTUAL_FILESYSTEMS)}): not read"
-        raise InputRefused(VIRTUAL_FILESYSTEM, f"{what} {path} {detail}", detail)
-    check_regular(os.stat(path), path, max_bytes, what)
+    check_file(path, max_bytes, what)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
@@ -98,8 +108,7 @@ def check_zip_archive(path: str | os.PathLike, what: str, max_bytes: int,
     before the directory is parsed); all entries together declaring no more bytes than the file holds.
     torch.save and np.savez store entries uncompressed, so every archive they write passes, while
     deflated entries that would inflate to GiBs, or entries overlapping each other, do not."""
-    st = os.stat(path)
-    check_regular(st, path, max_bytes, what)
+    st = check_file(path, max_bytes, what)
     with open(path, "rb") as f:
         try:
             end = zipfile._EndRecData(f)  # the end-of-directory record: entry count before reading entries
