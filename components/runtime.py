@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +38,46 @@ def yolo_command(step: str, args: list[str], gpus: int = 0) -> list[str]:
     return [sys.executable, "-m", "yolo", step, *args]
 
 
-def run_yolo(step: str, args: list[str], gpus: int = 0, allowed_exit_codes: tuple[int, ...] = (0,)) -> int:
+def run_yolo(
+    step: str,
+    args: list[str],
+    gpus: int = 0,
+    allowed_exit_codes: tuple[int, ...] = (0,),
+    forward_signals: bool = False,
+) -> int:
     """Run one yolo step as a child process (its log streams to the pod's); raise on a failing exit."""
     argv = yolo_command(step, [str(a) for a in args], gpus)
     LOGGER.info("running: %s", redact(" ".join(argv)))
-    code = subprocess.run(argv, check=False).returncode
+    if forward_signals:
+        code = _run_passing_on_stop_signals(argv)
+    else:
+        code = subprocess.run(argv, check=False).returncode
     if code not in allowed_exit_codes:
         raise RuntimeError(f"yolo {step} failed with exit code {code}")
     return code
+
+
+def _run_passing_on_stop_signals(argv: list[str]) -> int:
+    """Run argv; a SIGTERM/SIGINT this process gets is passed on to the child, and this process waits.
+
+    In a pod the trainer is a grandchild (sh -> this Python -> `python -m yolo train`). Without this, a stop
+    signal that reaches this Python (a PID 1 that signals its process group or only its child) kills it on
+    the spot, and the pod can end while the trainer is still writing last.pt. With it, the trainer gets
+    the signal (a second copy of the same signal is harmless to it, see yolo.engine.preemption), finishes
+    its step, writes and uploads last.pt and exits 143, and this step then fails with that code.
+    """
+    child = subprocess.Popen(argv)
+
+    def pass_on(signum: int, _frame) -> None:
+        child.send_signal(signum)
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, pass_on) for sig in stop_signals}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -192,7 +225,7 @@ def train(
     if uri:
         args += ["--checkpoint-uri", uri]
     args += check_train_extra_args(extra_args)  # never one of the flags set above
-    run_yolo("train", args, gpus=gpus)
+    run_yolo("train", args, gpus=gpus, forward_signals=True)
     summary = _read_json(run_dir / "train.json")
     target = Path(model.path)
     target.mkdir(parents=True, exist_ok=True)

@@ -139,9 +139,9 @@ def build_parser() -> OneLineParser:
     )
     r.add_argument("--train-retries", type=int, default=0, help="retries of a failed train step (KFP: 3)")
     _add_run_arguments(r)
-    from pipelines import pytorchjob, retrain, submit  # shipping subcommands (docs/kubeflow.md)
+    from pipelines import katib, pytorchjob, retrain, submit  # shipping subcommands (docs/kubeflow.md)
 
-    for extra in (submit, retrain, pytorchjob):
+    for extra in (submit, retrain, pytorchjob, katib):
         extra.add_parser(sub)
     return parser
 
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         try:
-            if hasattr(args, "handler"):  # submit, retrain, pytorchjob
+            if hasattr(args, "handler"):  # submit, retrain, pytorchjob, tune (katib)
                 return args.handler(args)
             if args.command == "compile":
                 return compile_pipeline(args)

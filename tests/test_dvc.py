@@ -25,11 +25,14 @@ if shutil.which("dvc", path=str(Path(sys.executable).parent)) is None:
 
 TINY_PARAMS = {
     "sample": {"seed": 0, "train": 12, "val": 6, "imgsz": 64},
-    "stats": {"imgsz": 64, "generations": 30},
-    "train": {"imgsz": 64, "epochs": 1, "batch-size": 4, "workers": 0},
-    "evaluate": {"imgsz": 64, "batch-size": 8},
+    "train": {"imgsz": 64, "epochs": 1, "batch-size": 4},
+    "evaluate": {"batch-size": 8},
 }
-ALL_STAGES = {"sample_data", "validate", "stats", "train", "evaluate"}
+ALL_STAGES = {"sample_data", "validate", "stats", "train", "evaluate", "report"}
+REPORT_METRICS = ["map50", "map50_95", "precision", "recall", "fitness", "bpr", "epochs", "best_epoch",
+                  "train_images", "val_images", "val_instances"]
+PLOT_TITLES = ["Training losses per epoch", "Validation mAP per epoch (EMA model)",
+               "Precision-recall at IoU 0.5 (mean over classes)", "Confusion matrix (conf 0.25, IoU 0.45)"]
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -102,6 +105,8 @@ def dvc_repo(tmp_path_factory):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "copy"], repo, env)
     first = _run(["dvc", "repro"], repo, env)
+    _run(["git", "add", "-A"], repo, env)  # as a user would: dvc.lock and the small reports/ files
+    _run(["git", "commit", "-qm", "pipeline run"], repo, env)
     return repo, env, first
 
 
@@ -114,22 +119,62 @@ def test_repro_runs_every_stage_then_nothing(dvc_repo):
     train = json.loads((repo / "runs/train/train.json").read_text())
     assert train["epochs_run"] == 1
     assert train["dataset_fingerprint"] == metrics["dataset_fingerprint"]
-    shown = _run(["dvc", "metrics", "show"], repo, env)
-    assert "map50" in shown
+    threads = int(env["OMP_NUM_THREADS"]) if env.get("OMP_NUM_THREADS") else len(os.sched_getaffinity(0))
+    assert train["cpu_threads"] == metrics["cpu_threads"] == threads
+
+    # reports/: the numbers people compare in file order, identifiers apart, no warnings on the way
+    report = json.loads((repo / "reports/metrics.json").read_text())
+    assert list(report) == REPORT_METRICS
+    assert report["map50"] == metrics["map50"] and report["epochs"] == 1
+    assert (report["train_images"], report["val_images"]) == (12, 6)
+    lineage = json.loads((repo / "reports/lineage.json").read_text())
+    assert lineage["run_id"] == train["run_id"] and lineage["cpu_threads"]["train"] == train["cpu_threads"]
+    # the tiny model is below params.yaml's floor: a verdict, not a failed stage
+    assert lineage["promote"] is False and "--min-map50 0.5" in lineage["gate_reasons"][0]
+    assert "warning" not in first.lower()
+    shown = _run(["dvc", "metrics", "show", "--json"], repo, env)
+    assert set(json.loads(shown)[""]["data"]["reports/metrics.json"]["data"]) == set(REPORT_METRICS)
     second = _run(["dvc", "repro"], repo, env)
     assert _stages_run(second) == set()
+    assert not _run(["git", "status", "--porcelain"], repo, env).strip()  # reports/ committed, runs/ ignored
 
 
 def test_changing_train_param_reruns_only_train_and_evaluate(dvc_repo):
     repo, env, _ = dvc_repo
     _set_params(repo, {"train": {"seed": 1}})
-    assert _stages_run(_run(["dvc", "repro"], repo, env)) == {"train", "evaluate"}
+    assert _stages_run(_run(["dvc", "repro"], repo, env)) == {"train", "evaluate", "report"}
 
 
-def test_changing_validate_param_reruns_downstream(dvc_repo):
+def test_changing_train_imgsz_reruns_stats_too(dvc_repo):
     repo, env, _ = dvc_repo
-    _set_params(repo, {"validate": {"max-bad-fraction": 0.2}})
-    assert _stages_run(_run(["dvc", "repro"], repo, env)) == {"validate", "stats", "train", "evaluate"}
+    _set_params(repo, {"train": {"imgsz": 96}})
+    assert _stages_run(_run(["dvc", "repro"], repo, env)) == {"stats", "train", "evaluate", "report"}
+    assert json.loads((repo / "runs/stats/anchors.json").read_text())["imgsz"] == 96
+
+
+def test_experiments_keep_metrics_and_plots(dvc_repo, tmp_path):
+    """`dvc exp run` twice; exp show, metrics diff and plots diff between the two read every number."""
+    repo, env, _ = dvc_repo
+    _run(["git", "checkout", "--", "params.yaml"], repo, env)
+    names = []
+    for seed in (3, 4):
+        out = _run(["dvc", "exp", "run", "-S", f"train.seed={seed}", "-n", f"seed{seed}"], repo, env)
+        assert "No file hash info found" not in out and "warning" not in out.lower()
+        names.append(f"seed{seed}")
+    table = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env))
+    experiments = {x["name"]: x for row in table for x in row.get("experiments") or []}
+    for name in names:
+        data = experiments[name]["revs"][0]["data"]
+        assert set(data["metrics"]["reports/metrics.json"]["data"]) == set(REPORT_METRICS)
+        assert data["params"]["params.yaml"]["data"]["train"]["seed"] == int(name[4:])
+    diff = json.loads(_run(["dvc", "metrics", "diff", *names, "--all", "--json"], repo, env))
+    assert set(diff["reports/metrics.json"]) == set(REPORT_METRICS)
+    _run(["dvc", "plots", "diff", *names, "-o", str(tmp_path / "plots")], repo, env)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    for title in PLOT_TITLES:
+        assert title in page
+    assert "skipped_steps" not in page and "lr0" not in page  # only the declared plots
+    assert page.count(names[0]) >= 4 and page.count(names[1]) >= 4  # every plot has both experiments
 
 
 def test_typo_in_params_fails_naming_the_key(dvc_repo):

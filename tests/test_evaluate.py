@@ -215,10 +215,16 @@ def _metrics(map50, map50_95, per_class):
             "per_class": [{"class": c, "name": f"c{c}", "map50_95": v} for c, v in per_class]}
 
 
-def test_gate_without_conditions_promotes():
-    gate = promotion_gate(_metrics(0.5, 0.3, [(0, 0.3)]))
-    assert gate["promote"] and gate["baseline"] is None and gate["regressed_classes"] == []
+def test_gate_without_conditions_does_not_promote_unless_asked():
+    gate = promotion_gate(_metrics(0.99, 0.9, [(0, 0.9)]))
+    assert not gate["promote"] and gate["baseline"] is None and gate["regressed_classes"] == []
+    assert gate["reasons"] == ["no gate configured (--min-map50, --baseline): not promoted "
+                               "(--promote-without-gate to promote)"]
     assert gate["delta"] == {"map50": None, "map50_95": None, "fitness": None}
+    asked = promotion_gate(_metrics(0.01, 0.0, []), promote_without_gate=True)
+    assert asked["promote"] and "promoted (--promote-without-gate)" in asked["reasons"][0]
+    # a criterion decides by itself; the flag only matters when there is none
+    assert not promotion_gate(_metrics(0.5, 0.3, []), min_map50=0.6, promote_without_gate=True)["promote"]
 
 
 def test_gate_min_map50():

@@ -39,5 +39,6 @@ def test_dockerfile_runs_as_non_root_with_exec_entrypoint():
     users = [line.split()[1] for line in text.splitlines() if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     entry = [line for line in text.splitlines() if line.startswith("ENTRYPOINT")]
-    assert entry == ['ENTRYPOINT ["yolo-pipeline"]']  # exec form: signals reach Python
+    # exec form, and an init that passes stop signals on to the step (tests/test_container_preemption.py)
+    assert entry == ['ENTRYPOINT ["/usr/local/bin/container-init"]']
     assert "org.opencontainers.image.revision" in text

@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import run_cli
 from yolo.errors import UserError
-from yolo.predict import PredictConfig, check_img_size, label_rows, list_images, predict
+from yolo.predict import PredictConfig, check_img_size, label_rows, predict
+from yolo.sources import list_media
 
 # two coco128 val images whose labels hold people (class 0): a skier, and a baseball scene
 PERSON_IMAGES = ("000000000785.jpg", "000000000872.jpg")
@@ -30,7 +31,8 @@ def predicted(tmp_path_factory, coco128_yaml, yolov5n_pt):
     (out / "labels").mkdir()
     (out / "labels" / "blank.txt").write_text("0 0.5 0.5 1 1 0.9\n")  # stale, from an "earlier run"
     # in-process (a subprocess would re-import torch); the CLI itself is covered by the exit-2 test below
-    summary = predict(PredictConfig(weights=str(yolov5n_pt), source=src, out=out, imgsz=[320]))
+    summary = predict(PredictConfig(weights=str(yolov5n_pt), source=src, out=out, imgsz=[320], save_txt=True,
+                                    save_conf=True))
     return root, src, out, summary
 
 
@@ -86,11 +88,11 @@ def test_check_img_size_rounds_up_to_stride():
         check_img_size([320, 256, 3], 32)
 
 
-def test_list_images_sorted_and_filtered(tmp_path):
+def test_list_media_sorted_and_filtered(tmp_path):
     for name in ("b.jpg", "a.PNG", "c.txt", "d", "._b.jpg"):
         (tmp_path / name).write_bytes(b"x")
-    assert [p.name for p in list_images(tmp_path)] == ["a.PNG", "b.jpg"]
-    assert list_images(tmp_path / "b.jpg") == [tmp_path / "b.jpg"]
+    assert [p.name for p in list_media(tmp_path)] == ["a.PNG", "b.jpg"]
+    assert list_media(tmp_path / "b.jpg") == [tmp_path / "b.jpg"]
 
 
 @pytest.mark.parametrize(
@@ -131,3 +133,37 @@ def test_cli_weights_not_a_checkpoint_is_one_line_exit_2(tmp_path):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("yolo-pipeline predict: error:")
     assert not (tmp_path / "o" / "labels").exists() or not any((tmp_path / "o" / "labels").iterdir())
+
+
+def test_upstream_flags_save_txt_conf_crop_classes_and_hidden_labels(tmp_path, coco128_yaml, yolov5n_pt):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(coco128_yaml.parent / "images" / "val2017" / PERSON_IMAGES[1], src / "game.jpg")
+    base = {"weights": str(yolov5n_pt), "source": src, "imgsz": [320], "device": "cpu"}
+    # defaults as upstream: annotated image only, no labels, no crops
+    predict(PredictConfig(**base, out=tmp_path / "plain"))
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["game.jpg"]
+    # --save-txt without --save-conf: 5 columns; --classes 0 keeps people only; --save-crop cuts each box
+    summary = predict(PredictConfig(**base, out=tmp_path / "o", save_txt=True, save_crop=True, classes=[0],
+                                    hide_labels=True))
+    rows = np.loadtxt(tmp_path / "o" / "labels" / "game.txt", ndmin=2)
+    assert rows.shape[1] == 5 and len(rows) >= 2 and (rows[:, 0] == 0).all()
+    crops = sorted((tmp_path / "o" / "crops" / "person").iterdir())
+    assert summary.crops == len(rows) == len(crops) and crops[0].name == "game.jpg" and crops[1].name == "game2.jpg"
+    image = cv2.imread(str(src / "game.jpg"))
+    h, w = image.shape[:2]
+    # the first crop is the first row's box grown by 2% + 10 px (upstream save_one_box), within a pixel
+    _, cx, cy, bw, bh = rows[0]
+    expected = (min(h, round(bh * h * 1.02 + 10)), min(w, round(bw * w * 1.02 + 10)))
+    assert np.abs(np.array(cv2.imread(str(crops[0])).shape[:2]) - expected).max() <= 2
+    # hidden labels draw boxes only: fewer changed pixels than with labels
+    predict(PredictConfig(**base, out=tmp_path / "labelled", classes=[0]))
+    changed = [np.count_nonzero(cv2.imread(str(tmp_path / d / "game.jpg")) != image) for d in ("o", "labelled")]
+    assert 0 < changed[0] < changed[1]
+
+
+def test_crop_folder_names_cannot_leave_the_output(tmp_path):
+    from yolo.predict import _safe_folder_name
+
+    assert _safe_folder_name("../../etc") == "______etc" and _safe_folder_name("traffic light") == "traffic light"
+    assert "/" not in _safe_folder_name("a/b") and _safe_folder_name("..") == "__"

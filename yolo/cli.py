@@ -10,12 +10,25 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from yolo import __version__
 from yolo.errors import UserError
+from yolo.files import environment_error
+from yolo.redact import RedactFilter, redact
 
 EXIT_USER_ERROR = 2
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the train loop: unwinds the step, so its `finally` blocks remove temp files."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "sample-data": ("yolo.data.sample", "write the embedded synthetic sample dataset"),
@@ -23,9 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("yolo.stats", "label statistics, plots and a seeded autoanchor"),
     "train": ("yolo.train", "train a YOLOv5 model"),
     "evaluate": ("yolo.evaluate", "mAP, P, R per class, plots, COCO export and a promotion gate"),
-    "predict": ("yolo.predict", "detect objects in images and write annotated copies and labels"),
+    "predict": ("yolo.predict", "detect objects in images, videos and streams: annotated copies, labels, crops"),
     "convert": ("yolo.model.convert", "convert an upstream YOLOv5 .pt to this project's safe format"),
     "export": ("yolo.export", "export a model to ONNX or TorchScript"),
+    "tune": ("yolo.tune.study", "hyperparameter search: Optuna trials of the train step, resumable"),
 }
 
 
@@ -40,17 +54,39 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
 
 
+def has_no_default(value) -> bool:
+    """None, False (an off switch), "" or SUPPRESS: nothing to show. By identity: 0 and 0.0 are defaults."""
+    return value is None or value is False or value is argparse.SUPPRESS or (isinstance(value, str) and not value)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends '(default: X)' to an option's help when it has a default to show (see has_no_default) and
+    the text does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not action.required and not has_no_default(action.default)
+        if shown and action.option_strings and "%(default)" not in text and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
 def _top_parser() -> OneLineParser:
-    parser = OneLineParser(prog="yolo-pipeline", description=__doc__.splitlines()[0])
+    steps = "\n".join(f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items())
+    parser = OneLineParser(
+        prog="yolo-pipeline", usage="yolo-pipeline STEP [options]  (yolo-pipeline STEP --help for its options)",
+        description="YOLOv5 training as a reproducible workflow: run one step.",
+        epilog=f"steps:\n{steps}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"yolo-pipeline {__version__}")
-    parser.add_argument("command", choices=sorted(COMMANDS), help="the step to run")
+    parser.add_argument("command", metavar="STEP", choices=list(COMMANDS), help="the step to run (listed below)")
     return parser
 
 
 def build_parser(command: str) -> OneLineParser:
     module_name, help_text = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = OneLineParser(prog=f"yolo-pipeline {command}", description=help_text)
+    parser = OneLineParser(prog=f"yolo-pipeline {command}", description=help_text,
+                           formatter_class=DefaultsHelpFormatter)
     module.add_arguments(parser)
     parser.set_defaults(_run=module.run)
     return parser
@@ -68,18 +104,42 @@ def main(argv: list[str] | None = None) -> int:
     # Our progress at INFO; third-party libraries (botocore, ...) only at WARNING, so a user error is
     # not preceded by their chatter.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactFilter())  # no secret reaches the log, whoever wrote the message
     logging.getLogger("yolo").setLevel(logging.INFO)
     command = argv[0]
+    if command == "train" and any(a == "--evolve" or a.startswith("--evolve=") for a in argv[1:]):
+        # upstream's spelling of a hyperparameter search: say where it lives rather than half-doing it
+        print("yolo-pipeline train: error: --evolve is `yolo-pipeline tune --sampler evolve --trials N` here "
+              "(same data/model flags as train)", file=sys.stderr)
+        return EXIT_USER_ERROR
+    # The train loop installs its own handler (stop at a step boundary, write last.pt); everywhere else
+    # SIGTERM unwinds the step, so atomic writes in progress remove their temp files.
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         parser = build_parser(command)
         args = parser.parse_args(argv[1:])
         return int(args._run(args) or 0)
     except UserError as e:
-        print(f"yolo-pipeline {command}: error: {e}", file=sys.stderr)
+        print(f"yolo-pipeline {command}: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (OSError, RuntimeError) as error:
+        e = environment_error(error)
+        if e is None:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(redact(f"yolo-pipeline {command}: error: {e.strerror}{where}"), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Terminated:
+        print(f"yolo-pipeline {command}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
     except KeyboardInterrupt:
         print(f"yolo-pipeline {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -29,15 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from yolo.backend import Backend, load_backend
 from yolo.boxes import box_iou, non_max_suppression, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywhn
 from yolo.data.image import letterbox, read_image, resize_long_side
 from yolo.data.rect import rect_batches
+from yolo.engine.nonfinite import refuse_nonfinite_model
 from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_json, write_text
 from yolo.metrics import IOU_THRESHOLDS, ClassAP, ConfusionMatrix, ap_per_class, fitness, match_predictions
+from yolo.tta import augmented
 
 LOG = logging.getLogger(__name__)
 SPLITS = ("val", "test", "train")
+# Everything the step writes besides plots, results last (removed at the start of a run, written at its end)
+OUTPUTS = ("per_class.csv", "pr_curve.csv", "confusion_matrix.json", "predictions.json", "image_ids.json",
+           "metrics.json", "gate.json")
 PR_CSV_POINTS = 101  # the COCO recall grid AP is integrated on
 
 
@@ -52,6 +58,7 @@ class EvalConfig:
     iou_thres: float = 0.6
     max_det: int = 300
     single_cls: bool = False
+    augment: bool = False  # test-time augmentation (yolo.tta), as upstream val.py --augment
     micro_batch: int = 0  # images per forward inside a rect batch; 0 = auto (CPU 4, else whole batch)
     workers: int = 4  # image-decoding threads
     channels_last: bool = True  # channels_last inputs on CPU (+20-30% there)
@@ -94,6 +101,7 @@ class EvalResult:
     names: list[str]
     predictions: list[dict] = field(default_factory=list)  # COCO results, when collected
     image_ids: dict[str, int | str] = field(default_factory=dict)  # file -> COCO image_id
+    nonfinite_images: int = 0  # images whose raw outputs held NaN/inf (NMS silently drops those)
 
     def totals(self) -> dict[str, float | int]:
         return {
@@ -203,9 +211,10 @@ def evaluate_model(
         raise UserError(f"split {getattr(index, 'split', '') or '?'} has no usable images to evaluate")
     names = list(names)
     nc = 1 if config.single_cls else len(names)
-    param = next(model.parameters())
-    dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    stride = max(int(model.stride.max()), 32)
+    backend = model if isinstance(model, Backend) else Backend.from_module(model)
+    model = backend.module  # the torch model (None for an export): its train/eval mode is restored below
+    dtype, stride = backend.meta.dtype, backend.meta.stride
+    forward = augmented(backend) if config.augment else backend
     imgsz = math.ceil(config.imgsz / stride) * stride
     if imgsz != config.imgsz:
         LOG.warning(f"--imgsz {config.imgsz} is not a multiple of stride {stride}; using {imgsz}")
@@ -214,13 +223,15 @@ def evaluate_model(
     memory_format = torch.channels_last if (config.channels_last and device.type == "cpu") else torch.contiguous_format
     image_ids = _coco_image_ids(index.files) if config.collect_predictions else {}
 
-    was_training = model.training
-    model.eval()
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     confusion = ConfusionMatrix(nc=nc)
     stats: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     predictions: list[dict] = []
     seconds = np.zeros(3)  # preprocess, inference, nms
     seen = 0
+    nonfinite_images = 0
     try:
         for members, batch in _rect_batch_stream(index, config, stride):
             t0 = time.perf_counter()
@@ -228,7 +239,8 @@ def evaluate_model(
             images = images.to(dtype).div_(255).contiguous(memory_format=memory_format)
             _sync(device)
             t1 = time.perf_counter()
-            outputs = [model(images[i:i + micro])[0] for i in range(0, len(images), micro)]
+            outputs = [forward(images[i:i + micro]) for i in range(0, len(images), micro)]
+            nonfinite_images += sum(int((~torch.isfinite(out)).flatten(1).any(1).sum()) for out in outputs)
             _sync(device)
             t2 = time.perf_counter()
             detections = [d for out in outputs for d in non_max_suppression(
@@ -265,9 +277,12 @@ def evaluate_model(
                     image_id = image_ids[index.files[int(dataset_i)]]
                     predictions += _coco_records(image_id, boxes, det[:, 4], det[:, 5].astype(int))
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
 
-    return _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots)
+    result = _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots)
+    result.nonfinite_images = nonfinite_images
+    return result
 
 
 def _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots) -> EvalResult:
@@ -374,9 +389,10 @@ def confusion_document(result: EvalResult) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- gate
 def promotion_gate(metrics: dict, baseline: dict | None = None, baseline_path: str | None = None,
                    min_map50: float | None = None, max_class_drop: float = 0.05,
-                   tolerance: float = 1e-6) -> dict[str, Any]:
+                   tolerance: float = 1e-6, promote_without_gate: bool = False) -> dict[str, Any]:
     """gate.json: promote when mAP50 >= min_map50 (if set) and, against a baseline metrics.json, fitness does
-    not fall and no class's mAP50-95 falls by more than max_class_drop. `tolerance` absorbs float noise."""
+    not fall and no class's mAP50-95 falls by more than max_class_drop. `tolerance` absorbs float noise.
+    With neither criterion nothing is promoted unless promote_without_gate says so."""
     reasons: list[str] = []
     promote = True
     if min_map50 is not None:
@@ -403,7 +419,9 @@ def promotion_gate(metrics: dict, baseline: dict | None = None, baseline_path: s
         else:
             reasons.append(f"no class lost more than {max_class_drop:g} mAP50-95")
     if min_map50 is None and baseline is None:
-        reasons.append("no gate configured (--min-map50, --baseline): promoted by default")
+        promote = promote_without_gate
+        reasons.append("no gate configured (--min-map50, --baseline): " + (
+            "promoted (--promote-without-gate)" if promote else "not promoted (--promote-without-gate to promote)"))
     return {"promote": bool(promote), "reasons": reasons, "min_map50": min_map50, "baseline": baseline_path,
             "delta": delta, "regressed_classes": regressed}
 
@@ -438,23 +456,27 @@ class EvaluateStepConfig:
     min_map50: float | None = None
     baseline: Path | None = None
     max_class_drop: float = 0.05
+    promote_without_gate: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = EvalConfig()
     parser.add_argument("--data", required=True, help="data.yaml")
-    parser.add_argument("--weights", required=True, help="model .pt (ours or upstream YOLOv5)")
+    parser.add_argument("--weights", required=True,
+                        help="model: a .pt (ours or upstream YOLOv5), or an export (.onnx, .torchscript)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default="val", choices=SPLITS, help="split to evaluate")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=d.imgsz, help="inference size (pixels)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help="rect batch grouping (decides the padded shapes, hence mAP), as upstream")
-    parser.add_argument("--conf-thres", type=float, default=d.conf_thres)
+    parser.add_argument("--conf-thres", type=float, default=d.conf_thres, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=d.iou_thres, help="NMS IoU threshold")
-    parser.add_argument("--max-det", type=int, default=d.max_det)
+    parser.add_argument("--max-det", type=int, default=d.max_det, help="maximum detections per image")
     parser.add_argument("--single-cls", action="store_true", help="treat as single-class dataset")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu")
+    parser.add_argument("--augment", action="store_true",
+                        help="test-time augmentation: scales 1, 0.83, 0.67 with a left-right flip at 0.83")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or cpu (default: a GPU when there is one, else the CPU)")
     parser.add_argument("--workers", type=int, default=d.workers, help="image decoding threads")
     parser.add_argument("--micro-batch", type=int, default=d.micro_batch,
                         help="images per forward pass inside a rect batch (speed only); 0 = auto")
@@ -464,6 +486,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None, help="the current model's metrics.json for the gate")
     parser.add_argument("--max-class-drop", type=float, default=0.05,
                         help="largest per-class mAP50-95 drop vs --baseline that still promotes")
+    parser.add_argument("--promote-without-gate", action="store_true",
+                        help="promote when neither --min-map50 nor --baseline is given (default: do not)")
 
 
 def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
@@ -480,27 +504,22 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
         data=Path(args.data), weights=str(args.weights), out=Path(args.out), split=args.split,
         device=args.device, index=Path(args.index) if args.index else None, data_version=args.data_version,
         min_map50=args.min_map50, baseline=Path(args.baseline) if args.baseline else None,
-        max_class_drop=args.max_class_drop,
+        max_class_drop=args.max_class_drop, promote_without_gate=args.promote_without_gate,
         eval=EvalConfig(imgsz=args.imgsz, batch_size=args.batch_size, conf_thres=args.conf_thres,
-                        iou_thres=args.iou_thres, max_det=args.max_det, single_cls=args.single_cls,
+                        iou_thres=args.iou_thres, max_det=args.max_det, single_cls=args.single_cls, augment=args.augment,
                         micro_batch=args.micro_batch, workers=args.workers, collect_predictions=True),
     )
-
-
-def _cpu_threads_for_load() -> None:
-    """Inference threads by the trainer's rule (yolo.device.cpu_threads); results do not depend on it."""
-    from yolo.device import cpu_threads
-
-    torch.set_num_threads(cpu_threads(torch.get_num_threads(), os.cpu_count() or 1))
 
 
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
     from yolo.data.dataset import load_data_config, load_split
-    from yolo.device import select_device
+    from yolo.device import cpu_threads, select_device
 
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work
     out = prepare_out_dir(cfg.out)
+    for name in OUTPUTS:  # an earlier run's results must never pass for this one's (gate.json last)
+        (out / name).unlink(missing_ok=True)
     device = select_device(cfg.device)
     data = load_data_config(cfg.data)
     if cfg.split not in data.splits:
@@ -511,38 +530,39 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     if len(index) == 0:
         raise UserError(f"{data.yaml_path}: split `{cfg.split}` has no usable images")
 
-    from yolo.model.checkpoint import load_model  # torch-heavy, and only once the inputs look right
-
-    model, _ = load_model(cfg.weights, device, fuse=True)
-    model_nc = int(model.detect.nc) if hasattr(model, "detect") else int(model.model[-1].nc)
-    if not cfg.eval.single_cls and model_nc != data.nc:
-        raise UserError(f"--weights {cfg.weights} predicts {model_nc} classes but {data.yaml_path} has "
+    model = load_backend(cfg.weights, device, half=device.type == "cuda")
+    if model.module is not None:  # NaN weights score 0 and would still promote
+        refuse_nonfinite_model(model.module, f"--weights {cfg.weights}")
+    if not cfg.eval.single_cls and model.nc != data.nc:
+        raise UserError(f"--weights {cfg.weights} predicts {model.nc} classes but {data.yaml_path} has "
                         f"{data.nc}; pass weights trained on this data (or --single-cls)")
-    if device.type == "cuda":
-        model.half()
-    else:
-        _cpu_threads_for_load()
-        if cfg.eval.channels_last:
-            model.to(memory_format=torch.channels_last)
+    if device.type != "cuda":
+        torch.set_num_threads(cpu_threads())  # yolo.device's one rule; recorded in metrics.json
+        if cfg.eval.channels_last and model.module is not None:
+            model.module.to(memory_format=torch.channels_last)
     names = list(data.names)
     LOG.info(f"evaluating {cfg.weights} on {len(index)} {cfg.split} images at {cfg.eval.imgsz} "
              f"(batch {cfg.eval.batch_size}) on {device}")
     t = time.perf_counter()
     result = evaluate_model(model, index, cfg.eval, device, names, out_dir=out, plots=True)
     LOG.info(f"evaluated in {time.perf_counter() - t:.1f}s")
+    if result.nonfinite_images:
+        raise UserError(f"--weights {cfg.weights}: the outputs for {result.nonfinite_images} image(s) hold NaN or "
+                        f"infinite values; not scored, not promoted")
 
     from yolo.data.index import dataset_fingerprint_of
 
     fingerprint = dataset_fingerprint_of(data, cfg.index, {cfg.split: index.fingerprint})  # = validate's
     metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
+    metrics["cpu_threads"] = torch.get_num_threads()
     gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
-                          cfg.max_class_drop)
-    write_json(out / "metrics.json", metrics)
+                          cfg.max_class_drop, promote_without_gate=cfg.promote_without_gate)
     write_text(out / "per_class.csv", per_class_csv(result))
     write_text(out / "pr_curve.csv", pr_curve_csv(result))
     write_json(out / "confusion_matrix.json", confusion_document(result))
     write_text(out / "predictions.json", json.dumps(result.predictions) + "\n")
     write_json(out / "image_ids.json", result.image_ids)
+    write_json(out / "metrics.json", metrics)  # the results last: their presence means the step completed
     write_json(out / "gate.json", gate)
     return result, gate
 
@@ -554,7 +574,8 @@ def run(args: argparse.Namespace) -> int:
     s = result.speed_ms
     print(f"Speed: {s['preprocess']:.1f}ms pre-process, {s['inference']:.1f}ms inference, {s['nms']:.1f}ms NMS "
           f"per image at batch {cfg.eval.batch_size}, imgsz {cfg.eval.imgsz}")
-    print(f"Results saved to {cfg.out}; gate: {'promote' if gate['promote'] else 'do not promote'}")
+    print(f"Results saved to {cfg.out}; gate: {'promote' if gate['promote'] else 'do not promote'} "
+          f"({'; '.join(gate['reasons'])})")
     if cfg.min_map50 is not None and result.map50 < cfg.min_map50:
         raise UserError(f"mAP50 {result.map50:.4f} is below --min-map50 {cfg.min_map50:g} "
                         f"(outputs written to {cfg.out})")

@@ -20,7 +20,7 @@ from torch import nn
 
 from yolo.device import select_device
 from yolo.errors import UserError
-from yolo.files import atomic_path
+from yolo.files import atomic_path, prepare_out_dir
 from yolo.predict import check_img_size
 
 LOG = logging.getLogger(__name__)
@@ -71,10 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="the file to write (e.g. model.onnx)")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
                         help="input size: one number, or h w")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size of the exported input")
     parser.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
     parser.add_argument("--half", action="store_true", help="fp16 (CUDA only)")
-    parser.add_argument("--device", default="", help="cuda device (0) or cpu")
+    parser.add_argument("--device", default="", help="cuda device (0) or cpu (default: a GPU when there is one, else the CPU)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (12 or newer)")
 
 
@@ -111,6 +111,7 @@ def _check_config(cfg: ExportConfig, device: torch.device) -> None:
         raise UserError(f"--opset must be 12 or newer, got {cfg.opset}")
     if cfg.out.exists() and cfg.out.is_dir():
         raise UserError(f"--out {cfg.out} is a folder; give the file to write (e.g. {cfg.out / 'model.onnx'})")
+    prepare_out_dir(cfg.out.parent)  # missing, read-only or not a folder: one line now, not after the export
 
 
 def _check_images(shape: list[int], half: bool, device: torch.device, dynamic: bool, stride: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -11,6 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from yolo.errors import UserError
+
+# The machine, not the program, is at fault: worth one line (with the path), not a traceback.
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def environment_error(error: BaseException) -> OSError | None:
+    """The disk-full / read-only / permission OSError behind `error` (torch.save wraps it in a
+    RuntimeError), or None when the error is something else."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in ENVIRONMENT_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def prepare_out_dir(path: str | os.PathLike) -> Path:

@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from yolo.errors import UserError, did_you_mean
+from yolo.untrusted import InvalidYaml, parse_yaml, read_yaml_file
 
 # Keys that are probabilities (drawn per image), so values above 1 are a typo rather than a choice.
 _PROBABILITIES = ("flipud", "fliplr", "mosaic", "mixup", "copy_paste")
@@ -87,18 +86,13 @@ def load_hyp(path: str | Path | None) -> Hyp:
     if path is None:
         return Hyp()
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"hyp file {path} not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"hyp file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"hyp file {path} cannot be read: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"hyp file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        data, _ = parse_yaml(read_yaml_file(path, "hyp file"), f"hyp file {path}")
+    except InvalidYaml as e:
+        where = f", line {e.line}" if e.line else ""
+        raise UserError(f"hyp file {path}{where}: not valid YAML ({e.problem})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -19,24 +19,37 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from yolo.errors import UserError
 from yolo.files import atomic_path, write_json
+from yolo.redact import has_credentials, redact
 
 META_KEY = "sha256"  # S3 user metadata (x-amz-meta-sha256) holding the object's SHA-256 hex digest
 PARTIAL_DIR = ".partial"  # S3 uploads in flight live under ROOT/.partial/ until copied into place
 LOCAL_META_DIR = ".yolo-storage"  # local sidecars: ROOT/.yolo-storage/KEY.json with {"sha256", "size"}
+LEASE_KEY = ".lease"  # the checkpoint folder's lease (yolo.engine.lease); never a user key
+RESERVED = (PARTIAL_DIR, LOCAL_META_DIR, LEASE_KEY)
 _HASH_CHUNK = 1 << 20
+# Bucket names: letters, digits, dots, hyphens, underscores (AWS is stricter; legacy and S3-compatible
+# stores are not), so `user:secret@bucket` or a `/`-smuggling name never reaches the endpoint
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 class StorageError(UserError):
-    """A storage operation failed after retries (unreachable, denied, missing): one line, no trace."""
+    """A storage operation failed after retries (unreachable, denied, missing): one line, no trace.
+
+    The message is redacted (credentials in URIs, AWS keys) when the error is made, so no caller can
+    print a secret by printing the error."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(redact(str(message)))
 
 
 class ObjectNotFound(StorageError):
@@ -45,6 +58,14 @@ class ObjectNotFound(StorageError):
 
 class ChecksumMismatch(StorageError):
     """The downloaded bytes do not match the SHA-256 recorded at upload."""
+
+
+class ChecksumMissing(StorageError):
+    """The object has no recorded SHA-256 (rewritten by another tool?) and a verified read was required."""
+
+
+class InvalidKey(StorageError, ValueError):
+    """A key or prefix with `..`, `.`, empty or reserved segments: one line, nothing read or written."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -57,17 +78,28 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _check_key(key: str) -> str:
-    """Keys are relative posix paths without `..`, empty parts or our reserved folders."""
-    parts = PurePosixPath(key).parts
+    """Keys are relative posix paths without `..`, empty parts, control characters or reserved segments."""
+    segments = key.split("/")
     if (
         not key
         or key.startswith("/")
         or "\\" in key
-        or any(p in ("", ".", "..") for p in key.split("/"))
-        or parts[0] in (PARTIAL_DIR, LOCAL_META_DIR)
+        or any(ord(c) < 32 for c in key)
+        or any(p in ("", ".", "..") for p in segments)
+        or any(p in RESERVED for p in segments)
     ):
-        raise ValueError(f"invalid storage key {key!r}: use a relative path like 'runs/r1/last.pt'")
+        raise InvalidKey(f"invalid storage key {key!r}: use a relative path like 'runs/r1/last.pt' "
+                         f"(no '..', '.', empty or reserved ({', '.join(RESERVED)}) segments)")
     return key
+
+
+def _normal_prefix(prefix: str, uri: str) -> str:
+    """`a//b/` -> `a/b`; a `.`, `..` or reserved segment is refused (it would escape or alias the root)."""
+    segments = [p for p in prefix.split("/") if p]
+    bad = [p for p in segments if p in (".", "..") or p in RESERVED or any(ord(c) < 32 for c in p)]
+    if bad:
+        raise InvalidKey(f"{uri}: segment {bad[0]!r} is not allowed in a storage location")
+    return "/".join(segments)
 
 
 class Storage:
@@ -79,8 +111,11 @@ class Storage:
         """Upload a file to `key` (checksum recorded); returns uri_for(key)."""
         raise NotImplementedError
 
-    def get(self, key: str, local_path: str | os.PathLike) -> Path:
-        """Download `key` atomically to `local_path`, verifying its SHA-256; returns the path."""
+    def get(self, key: str, local_path: str | os.PathLike, require_checksum: bool = False) -> Path:
+        """Download `key` atomically to `local_path`, verifying its SHA-256; returns the path.
+
+        An object without a recorded SHA-256 is read unverified, unless `require_checksum` (resume): then
+        ChecksumMissing, and nothing is written."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -126,23 +161,52 @@ class Storage:
         with tempfile.TemporaryDirectory(prefix="yolo-storage-") as tmp:
             return self.get(key, Path(tmp) / "blob").read_bytes()
 
+    # The lease primitives (yolo.engine.lease): a small object at the reserved key LEASE_KEY.
+    def create_lease(self, data: bytes) -> str | None:
+        """Write the lease only if none exists; its version tag, or None when another lease is there."""
+        raise NotImplementedError
+
+    def read_lease(self) -> tuple[bytes, str] | None:
+        """(bytes, version tag) of the current lease, or None."""
+        raise NotImplementedError
+
+    def replace_lease(self, data: bytes, tag: str) -> str | None:
+        """Overwrite the lease only if it still has version `tag`; the new tag, or None when it changed."""
+        raise NotImplementedError
+
+    def delete_lease(self, tag: str) -> None:
+        """Remove the lease if it still has version `tag` (best effort)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"
+
+
+def _missing_checksum(uri: str) -> ChecksumMissing:
+    return ChecksumMissing(f"{uri}: no SHA-256 recorded with the object (written by another tool, or its "
+                           f"metadata was rewritten); refusing unverified bytes (pass --trust-unverified "
+                           f"to accept them)")
 
 
 def open_storage(uri: str | os.PathLike) -> Storage:
     """`s3://bucket[/prefix]` → S3Storage; a local path or `file://` URI → LocalStorage."""
     text = os.fspath(uri)
+    if has_credentials(text):
+        raise StorageError(f"{text}: credentials do not belong in a storage URI (they would reach logs and "
+                           f"parameters); give them through AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a "
+                           f"profile or a role")
     if text.startswith("s3://"):
         bucket, _, prefix = text[len("s3://") :].partition("/")
         if not bucket:
-            raise UserError(f"{text}: no bucket name (expected s3://bucket/prefix)")
-        return S3Storage(bucket, prefix.strip("/"))
+            raise StorageError(f"{text}: no bucket name (expected s3://bucket/prefix)")
+        if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+            raise StorageError(f"{text}: {bucket!r} is not a bucket name (letters, digits, dots, hyphens)")
+        return S3Storage(bucket, _normal_prefix(prefix, text))
     if text.startswith("file://"):
         text = text[len("file://") :]
     elif "://" in text:
         scheme = text.split("://", 1)[0]
-        raise UserError(f"{text}: unsupported storage scheme {scheme!r} (use s3://bucket/prefix or a path)")
+        raise StorageError(f"{text}: unsupported storage scheme {scheme!r} (use s3://bucket/prefix or a path)")
     if not text:
         raise UserError("empty storage location")
     return LocalStorage(Path(text).expanduser().resolve())
@@ -187,11 +251,13 @@ class LocalStorage(Storage):
             raise StorageError(f"{target}: cannot write ({e.strerror or e})") from None
         return str(target)
 
-    def get(self, key: str, local_path: str | os.PathLike) -> Path:
+    def get(self, key: str, local_path: str | os.PathLike, require_checksum: bool = False) -> Path:
         source = self._path(key)
         if not source.is_file():
             raise ObjectNotFound(f"{source}: not found")
         recorded = self._recorded_sha256(key)
+        if recorded is None and require_checksum:
+            raise _missing_checksum(str(source))
         out = Path(local_path)
         with atomic_path(out) as tmp:
             shutil.copyfile(source, tmp)
@@ -221,7 +287,9 @@ class LocalStorage(Storage):
                 continue
             key = path.relative_to(self.root).as_posix()
             name = path.name
-            if key.split("/", 1)[0] == LOCAL_META_DIR or (name.startswith(".") and name.endswith(".tmp")):
+            if key.split("/", 1)[0] == LOCAL_META_DIR or key == LEASE_KEY or (
+                name.startswith(".") and name.endswith(".tmp")
+            ):
                 continue
             if key.startswith(prefix):
                 keys.append(key)
@@ -249,6 +317,56 @@ class LocalStorage(Storage):
             raise StorageError(f"{self.root}: cannot create ({e.strerror or e})") from None
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StorageError(f"{self.root}: not writable")
+
+    # A local lease is a file whose version tag is its content's SHA-256. Taking it is O_EXCL creation;
+    # replacing it is a compare-and-swap under an flock of the folder's lock file, so two processes on
+    # this machine (or on a file system with working flock) never both win.
+    def _lease_path(self) -> Path:
+        return self.root / LEASE_KEY
+
+    @contextlib.contextmanager
+    def _lease_lock(self):
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / f"{LEASE_KEY}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def create_lease(self, data: bytes) -> str | None:
+        with self._lease_lock():
+            try:
+                fd = os.open(self._lease_path(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_lease(self) -> tuple[bytes, str] | None:
+        try:
+            data = self._lease_path().read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def replace_lease(self, data: bytes, tag: str) -> str | None:
+        with self._lease_lock():
+            current = self.read_lease()
+            if current is None or current[1] != tag:
+                return None
+            with atomic_path(self._lease_path()) as tmp:
+                tmp.write_bytes(data)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete_lease(self, tag: str) -> None:
+        with self._lease_lock():
+            current = self.read_lease()
+            if current is not None and current[1] == tag:
+                self._lease_path().unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ S3
@@ -442,7 +560,7 @@ class S3Storage(Storage):
             )
         return self.uri_for(key)
 
-    def get(self, key: str, local_path: str | os.PathLike) -> Path:
+    def get(self, key: str, local_path: str | os.PathLike, require_checksum: bool = False) -> Path:
         out = Path(local_path)
         uri = self.uri_for(key)
         for _ in range(3):  # the object may be replaced mid-download (a newer last.pt): try again
@@ -450,6 +568,8 @@ class S3Storage(Storage):
             if head is None:
                 raise ObjectNotFound(f"{uri}: not found")
             recorded = head.get("Metadata", {}).get(META_KEY)
+            if recorded is None and require_checksum:
+                raise _missing_checksum(uri)
             try:
                 with atomic_path(out) as tmp:
                     self.client.download_file(
@@ -484,7 +604,7 @@ class S3Storage(Storage):
             for page in pages:
                 for item in page.get("Contents", []):
                     key = item["Key"][len(root) :]
-                    if key.split("/", 1)[0] != PARTIAL_DIR:
+                    if key.split("/", 1)[0] != PARTIAL_DIR and key != LEASE_KEY:
                         found.append((key, int(item.get("Size", 0)), str(item.get("ETag", ""))))
         except self._boto_errors() as e:
             raise self._fail(f"list of {self.uri}", e) from None
@@ -506,3 +626,48 @@ class S3Storage(Storage):
                 self.client.delete_object(Bucket=self.bucket, Key=probe)
         except self._boto_errors() as e:
             raise self._fail(self.uri, e) from None
+
+    # Lease primitives: S3 conditional writes (If-None-Match: * creates only when absent; If-Match: ETag
+    # replaces only the version we read), so two writers never both hold the lease.
+    def _lease_object(self) -> str:
+        return self._root + LEASE_KEY
+
+    def _precondition_failed(self, error: BaseException) -> bool:
+        from botocore.exceptions import ClientError
+
+        return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
+            "PreconditionFailed", "412", "ConditionalRequestConflict", "409", "NoSuchKey", "404")
+
+    def _conditional_put(self, data: bytes, **condition: str) -> str | None:
+        try:
+            reply = self.client.put_object(Bucket=self.bucket, Key=self._lease_object(), Body=data, **condition)
+        except self._boto_errors() as e:
+            if self._precondition_failed(e):
+                return None
+            raise self._fail(f"lease at {self.uri}", e) from None
+        return str(reply["ETag"])
+
+    def create_lease(self, data: bytes) -> str | None:
+        return self._conditional_put(data, IfNoneMatch="*")
+
+    def read_lease(self) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            reply = self.client.get_object(Bucket=self.bucket, Key=self._lease_object())
+            return reply["Body"].read(1 << 16), str(reply["ETag"])
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._fail(f"lease at {self.uri}", e) from None
+        except self._boto_errors() as e:
+            raise self._fail(f"lease at {self.uri}", e) from None
+
+    def replace_lease(self, data: bytes, tag: str) -> str | None:
+        return self._conditional_put(data, IfMatch=tag)
+
+    def delete_lease(self, tag: str) -> None:
+        current = self.read_lease()
+        if current is not None and current[1] == tag:
+            with contextlib.suppress(*self._boto_errors()):
+                self.client.delete_object(Bucket=self.bucket, Key=self._lease_object())

@@ -31,10 +31,12 @@ from yolo.argtypes import float_between, int_at_least
 from yolo.engine import distributed as dist_utils
 from yolo.engine.checkpointing import CheckpointSink, capture_rng, restore_rng
 from yolo.engine.ema import ModelEMA, unwrap
+from yolo.engine.mirror import MidEpochMirror, interval_minutes
 from yolo.engine.optim import OPTIMIZERS, Schedule, build_optimizer, scaled_weight_decay
 from yolo.engine.preemption import EXIT_SIGTERM, StopRequested
 from yolo.errors import UserError
 from yolo.files import write_json, write_text
+from yolo.redact import redact
 
 LOG = logging.getLogger(__name__)
 
@@ -78,8 +80,10 @@ class TrainConfig:
     data_version: str | None = None
     tensorboard: bool = False
     checkpoint_uri: str | None = None
+    checkpoint_every: float | None = None  # minutes between mid-epoch last.pt; None: yolo.engine.mirror's default
     resume: str | None = None  # None: automatic; "": this run's own last.pt; else a DIR, file or URI
     sync_bn: bool = False
+    trust_unverified: bool = False  # resume from a stored last.pt without a recorded SHA-256
     epochs_given: bool = True  # False when --epochs was left at its default (resume keeps the run's own)
 
     # Arguments that decide the result; the run identity hashes these (plus data, cfg, hyp).
@@ -129,9 +133,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--imgsz", "--img", "--img-size", type=int_at_least(1), default=d.imgsz, help="train/val image size (px)")
     a("--device", help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
     a("--workers", type=int_at_least(0), help=f"loader workers per process, at most (default {d.workers})")
-    a("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    a("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="optimizer")
     a("--cos-lr", action="store_true", help="cosine one-cycle lr schedule (default linear)")
-    a("--label-smoothing", type=float_between(0, 1, high_open=True), default=d.label_smoothing)
+    a("--label-smoothing", type=float_between(0, 1, high_open=True), default=d.label_smoothing,
+      help="class label smoothing epsilon")
     a("--patience", type=int_at_least(0), default=d.patience, help="epochs without improvement before stopping")
     a("--freeze", type=int_at_least(0), nargs="+", default=d.freeze,
       help="freeze the first N layers (one number) or the listed layer indices")
@@ -143,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quad", action="store_true", help="quad collate (4 images per 2x-size image)")
     a("--single-cls", action="store_true", help="train every class as one")
     a("--noval", action="store_true", help="validate only after the last epoch")
-    a("--seed", type=int, default=d.seed)
+    a("--seed", type=int, default=d.seed, help="global training seed")
     a("--deterministic", action="store_true", help="deterministic algorithms (exact resume on CPU)")
     a("--index", type=Path, help="validate step's DIR/index to reuse")
     a("--data-version", help="opaque data version label recorded in outputs (a DVC md5, a git SHA)")
@@ -152,7 +157,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "{run_id} in it becomes the run identity (ROOT/{run_id}: restarts resume)")
     a("--resume", nargs="?", const="", default=None, metavar="DIR|URI",
       help="continue a run: its folder, last.pt or s3:// URI (no value: --out / --checkpoint-uri)")
+    a("--checkpoint-every", type=float_between(0), metavar="MINUTES",
+      help="also write last.pt mid-epoch every MINUTES (0: off; default 10 with a remote --checkpoint-uri, else off)")
     a("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (GPU only)")
+    a("--trust-unverified", action="store_true",
+      help="resume from a stored last.pt that has no recorded SHA-256 (rewritten by another tool)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -212,13 +221,17 @@ def train(cfg: TrainConfig, stop: StopRequested | None = None) -> TrainResult:
     trainer = None
     # process-wide torch settings a run changes (--deterministic, threads): restored for library callers
     saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
+    setup = None
     try:
-        trainer = Trainer(prepare_run(cfg, ctx))
+        setup = prepare_run(cfg, ctx)
+        trainer = Trainer(setup)
         with stop or StopRequested() as active:
             return trainer.fit(active)
     finally:
         if trainer is not None:
             trainer.close()
+        elif setup is not None:
+            setup.release()
         dist_utils.shutdown(ctx)
         torch.use_deterministic_algorithms(saved[0])
         torch.set_num_threads(saved[1])
@@ -268,6 +281,7 @@ class Trainer:
         self.epoch_log = EpochLog()
         self.nonfinite_run = 0  # consecutive non-finite steps
         self.nonfinite_total = 0
+        self.batches_run = 0  # batches trained over the whole run (the all-skipped check)
         self._bad_on_device = torch.zeros((), dtype=torch.int64, device=self.device)  # CUDA bookkeeping
         self._bad_seen = 0
         self._window_start = 0
@@ -281,6 +295,7 @@ class Trainer:
         self._resumed_epoch_seconds = 0.0  # time already spent in a mid-epoch-resumed epoch
 
         self.sink = CheckpointSink(cfg.checkpoint_uri if ctx.is_main else None)
+        self.mirror = MidEpochMirror(interval_minutes(cfg.checkpoint_uri, cfg.checkpoint_every) if ctx.is_main else 0)
         self.tb = self._tensorboard()
         if setup.resume_state is not None:
             self.load_training_state(setup.resume_state)
@@ -394,6 +409,7 @@ class Trainer:
                 self.mloss.mul_(i).add_(items.float()).div_(i + 1)  # running mean, stays on the device
 
             self.iteration = i + 1
+            self.batches_run += 1
             log.images += imgs.shape[0] * (4 if cfg.quad else 1) * ctx.world_size  # source images, all ranks
             if bar is not None and (now - last_refresh > PROGRESS_REFRESH_S or i + 1 == self.nb):
                 last_refresh = now
@@ -404,6 +420,8 @@ class Trainer:
                 self._close_bar(bar)
                 self._account_epoch_time(t_epoch)
                 return False
+            if i + 1 < self.nb and self.mirror.due():  # a node lost without SIGTERM costs <= N minutes
+                self.save_last()
             t_wait = time.perf_counter()
         self._close_bar(bar)
         self._account_epoch_time(t_epoch)
@@ -649,6 +667,7 @@ class Trainer:
             "stopper_best": list(self.stopper_best),
             "lr_scale": self.lr_scale,
             "nonfinite_total": self.nonfinite_total,
+            "batches_run": self.batches_run,
             "history": self.history,
             "run_totals": [self.run_images, self.run_seconds, self.run_wait],
             "finished": self.finished,
@@ -686,6 +705,7 @@ class Trainer:
         self.stopper_best = (float(st["stopper_best"][0]), int(st["stopper_best"][1]))
         self.lr_scale = float(st["lr_scale"])
         self.nonfinite_total = int(st["nonfinite_total"])
+        self.batches_run = int(st.get("batches_run", 0))
         self.history = list(st["history"])
         self.run_images, self.run_seconds, self.run_wait = st["run_totals"]
         if st.get("last_maps") is not None:
@@ -699,6 +719,7 @@ class Trainer:
         path = self.weights_dir / "last.pt"
         self.s.save_checkpoint(path, ckpt)
         self.sink.publish(path, "weights/last.pt")
+        self.mirror.reset()
 
     def save_best(self, epoch: int, metrics: dict[str, float] | None) -> None:
         ckpt = self.s.checkpoint_base(self.ema.ema, half=True)
@@ -744,6 +765,9 @@ class Trainer:
         return self._result(code)
 
     def _finish(self) -> TrainResult:
+        if self.batches_run and self.nonfinite_total >= self.batches_run:
+            raise UserError(f"every training step had a non-finite loss ({self.nonfinite_total} skipped): the "
+                            f"weights were never updated; check the data, --hyp and the initial weights")
         if self.ctx.is_main:
             doc = self.train_json()
             write_json(self.out / "train.json", doc)
@@ -760,9 +784,10 @@ class Trainer:
 
     def _close_sink(self) -> None:
         if self.sink.enabled:
-            LOG.info(f"waiting for the checkpoint upload to {self.sink.uri} ...")
+            LOG.info(redact(f"waiting for the checkpoint upload to {self.sink.uri} ..."))
             if not self.sink.close(timeout=float(os.environ.get("YOLO_FINAL_UPLOAD_TIMEOUT", "600"))):
-                raise UserError(f"final checkpoint upload to {self.sink.uri} did not complete (see warnings above)")
+                raise UserError(redact(f"final checkpoint upload to {self.sink.uri} did not complete "
+                                       f"(see warnings above)"))
 
     def train_json(self) -> dict[str, Any]:
         return {
@@ -778,6 +803,7 @@ class Trainer:
             "dataset_fingerprint": self.s.dataset_fingerprint,
             "data_version": self.cfg.data_version,
             "world_size": self.ctx.world_size,
+            "cpu_threads": torch.get_num_threads(),  # yolo.device.cpu_threads; decides float summation order
             "nonfinite_steps": self.nonfinite_total,
             "peak_gpu_memory_gb": (torch.cuda.max_memory_reserved(self.device) / 1e9
                                    if self.device.type == "cuda" else None),
@@ -792,6 +818,7 @@ class Trainer:
             self.tb.close()
         # normally already closed; after an error, give the newest checkpoint a minute to reach the store
         self.sink.close(timeout=60)
+        self.s.release()
 
 
 def _cpu(obj: Any, clone: bool = False) -> Any:

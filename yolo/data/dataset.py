@@ -15,9 +15,20 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import yaml
 
+from yolo.data.image import JPEG_START, image_header_size
 from yolo.errors import UserError, did_you_mean
+from yolo.limits import MAX_CLASSES, MAX_IMAGE_LIST_BYTES, MAX_IMAGE_PIXELS, VIRTUAL_FILESYSTEMS
+from yolo.untrusted import (
+    InputRefused,
+    InvalidYaml,
+    file_kind,
+    in_virtual_filesystem,
+    is_inside,
+    parse_yaml,
+    read_regular_file,
+    read_yaml_file,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,7 +38,6 @@ IMG_FORMATS = frozenset({"bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff
 SPLITS = ("train", "val", "test")
 KNOWN_KEYS = frozenset({"path", "train", "val", "test", "names", "nc", "download"})
 MIN_IMAGE_SIDE = 10  # upstream: an image must be larger than 9 px on each side
-JPEG_START = b"\xff\xd8\xff"
 JPEG_END = b"\xff\xd9"
 
 # problem codes (report.json contract) and what the pipeline does about each
@@ -43,6 +53,10 @@ LABEL_ZERO_SIZE = "label_zero_size"
 NAMES_MISMATCH = "names_mismatch"
 SPLIT_EMPTY = "split_empty"
 SPLIT_TOO_MANY_BAD = "split_too_many_bad"
+IMAGE_TOO_LARGE = "image_too_large"  # more bytes or (declared) pixels than yolo/limits.py allows
+LABEL_TOO_LARGE = "label_too_large"
+NOT_A_REGULAR_FILE = "not_a_regular_file"  # a FIFO, socket, device or folder where a file should be: never opened
+OUTSIDE_DATASET = "outside_dataset"  # a symlink (or a listed path) resolving outside the dataset root: not read
 SKIPPED, KEPT, KEPT_AS_BACKGROUND, ROW_DROPPED, FATAL = "skipped", "kept", "kept_as_background", "row_dropped", "fatal"
 
 
@@ -55,6 +69,8 @@ class DataConfig:
     splits: dict[str, list[Path]]
     names: list[str]
     nc: int
+    real_root: str  # root with symlinks resolved: every file a step reads must lie inside it
+    yaml_sha256: str  # of the bytes parsed (the file is not read a second time)
 
 
 @dataclass
@@ -82,9 +98,10 @@ class SplitSourceMissing(UserError):
 
 
 # ---------------------------------------------------------------------------------------------- data.yaml
-def _yaml_error_line(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    return f" line {mark.line + 1}" if mark is not None else ""
+def _check_class_count(n: int, what: str, yaml_path: Path) -> None:
+    if n > MAX_CLASSES:
+        raise UserError(f"{yaml_path}: {what} {n} classes, more than the {MAX_CLASSES} this pipeline builds "
+                        "a model for")
 
 
 def _parse_names(raw: dict, yaml_path: Path) -> tuple[list[str], list[str]]:
@@ -92,11 +109,15 @@ def _parse_names(raw: dict, yaml_path: Path) -> tuple[list[str], list[str]]:
     mismatches: list[str] = []
     names_raw, nc_raw = raw.get("names"), raw.get("nc")
     if nc_raw is not None and (isinstance(nc_raw, bool) or not isinstance(nc_raw, int) or nc_raw < 1):
-        raise UserError(f"{yaml_path}: `nc` must be a positive integer, got {nc_raw!r}")
+        raise UserError(f"{yaml_path}: `nc` must be a positive integer, got {str(nc_raw)[:40]!r}")
+    if nc_raw is not None:
+        _check_class_count(nc_raw, "`nc` asks for", yaml_path)
     if names_raw is None:
         if nc_raw is None:
             raise UserError(f"{yaml_path}: missing key `names` (a list of class names, or {{id: name}})")
         return [f"class{i}" for i in range(nc_raw)], mismatches
+    if isinstance(names_raw, (dict, list)):
+        _check_class_count(len(names_raw), "`names` lists", yaml_path)
     if isinstance(names_raw, dict):
         ids = list(names_raw)
         if not all(isinstance(k, int) and not isinstance(k, bool) for k in ids):
@@ -117,27 +138,31 @@ def _parse_names(raw: dict, yaml_path: Path) -> tuple[list[str], list[str]]:
     return names, mismatches
 
 
-def _resolve_sources(value, key: str, root: Path, yaml_path: Path) -> list[Path]:
+def _resolve_sources(value, key: str, root: Path, real_root: str, yaml_path: Path) -> list[Path]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(v, str) and v.strip() for v in items):
         raise UserError(f"{yaml_path}: `{key}` must be a folder, a .txt list of images or a list of folders, "
-                        f"got {value!r}")
-    return [Path(os.path.normpath(root / v.strip())) for v in items]
+                        f"got {str(value)[:80]!r}")
+    sources = [Path(os.path.normpath(root / v.strip())) for v in items]
+    for source in sources:
+        if not is_inside(os.path.realpath(source), real_root):
+            raise UserError(f"{yaml_path}: `{key}` source {source} lies outside the dataset root {root} "
+                            "(after resolving symlinks); set `path:` to a folder that holds every split")
+    return sources
 
 
 def parse_data_config(path: str | os.PathLike) -> tuple[DataConfig, list[str]]:
     """Parse data.yaml; returns the config and the names/nc disagreements (validate reports them)."""
     yaml_path = Path(path)
-    if not yaml_path.is_file():
+    if not yaml_path.exists():
         where = "" if yaml_path.is_absolute() else f" (looked in {Path.cwd()})"
         raise UserError(f"data.yaml not found: {yaml_path}{where}")
+    text = read_yaml_file(yaml_path, "data.yaml")
     try:
-        raw = yaml.safe_load(yaml_path.read_bytes())
-    except yaml.YAMLError as e:
-        raise UserError(f"{yaml_path}{_yaml_error_line(e)}: not valid YAML: "
-                        f"{getattr(e, 'problem', None) or e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{yaml_path}: cannot read: {e}") from None
+        raw, _ = parse_yaml(text, str(yaml_path))
+    except InvalidYaml as e:
+        line = f" line {e.line}" if e.line else ""
+        raise UserError(f"{yaml_path}{line}: not valid YAML: {e.problem}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{yaml_path}: must be a mapping with `train`, `val` and `names`, "
                         f"got {type(raw).__name__}")
@@ -152,14 +177,21 @@ def parse_data_config(path: str | os.PathLike) -> tuple[DataConfig, list[str]]:
     yaml_dir = yaml_path.resolve().parent
     path_value = raw.get("path")
     if path_value is not None and not isinstance(path_value, str):
-        raise UserError(f"{yaml_path}: `path` must be a string, got {path_value!r}")
+        raise UserError(f"{yaml_path}: `path` must be a string, got {str(path_value)[:80]!r}")
     # deliberate difference from upstream: `path` is relative to the yaml's folder, not to the YOLOv5 tree
     root = Path(os.path.normpath(yaml_dir / path_value)) if path_value else yaml_dir
+    real_root = os.path.realpath(root)
+    if in_virtual_filesystem(real_root):  # checked before is_dir: stat on some of these files blocks
+        raise UserError(f"{yaml_path}: dataset root {root} lies in a virtual filesystem "
+                        f"({', '.join(VIRTUAL_FILESYSTEMS)}), not a dataset")
     if not root.is_dir():
         raise UserError(f"{yaml_path}: dataset root {root} does not exist (`path: {path_value}` is resolved "
                         f"relative to the data.yaml's folder {yaml_dir})")
-    splits = {k: _resolve_sources(raw[k], k, root, yaml_path) for k in SPLITS if raw.get(k) not in (None, "", [])}
-    return DataConfig(yaml_path=yaml_path.resolve(), root=root, splits=splits, names=names, nc=len(names)), mismatches
+    splits = {k: _resolve_sources(raw[k], k, root, real_root, yaml_path)
+              for k in SPLITS if raw.get(k) not in (None, "", [])}
+    config = DataConfig(yaml_path=yaml_path.resolve(), root=root, splits=splits, names=names, nc=len(names),
+                        real_root=real_root, yaml_sha256=content_hash(text))
+    return config, mismatches
 
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:
@@ -175,39 +207,87 @@ def is_image_file(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMG_FORMATS if "." in name else False
 
 
-def _images_in_folder(folder: Path) -> list[str]:
-    # upstream globs `**/*.*` (recursive, hidden entries skipped); os.walk is the same without glob's cost
+@dataclass
+class SplitListing:
+    """The image files of a split, and the entries not followed (code, path relative to root, message)."""
+
+    images: list[Path]
+    refused: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def _images_in_folder(folder: Path, data: DataConfig, listing: SplitListing, visited: set) -> list[str]:
+    """Image files under `folder`, as upstream's recursive glob (hidden entries skipped).
+
+    Folder symlinks are followed only when they resolve inside the dataset root, and each real folder
+    is walked once: a link to a parent (a loop) or two links to one folder list nothing twice."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in visited:
+            dirnames[:] = []
+            continue
+        visited.add((st.st_dev, st.st_ino))
+        kept = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            sub = os.path.join(dirpath, d)
+            if os.path.islink(sub) and not is_inside(os.path.realpath(sub), data.real_root):
+                listing.refused.append((OUTSIDE_DATASET, relative_to_root(sub, data.root),
+                                        "folder symlink to outside the dataset root: not followed"))
+                continue
+            kept.append(d)
+        dirnames[:] = kept
         found.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and is_image_file(f))
     return found
 
 
 def _images_in_list(txt: Path) -> list[str]:
     try:
-        lines = txt.read_text(encoding="utf-8").splitlines()
+        data, _ = read_regular_file(txt, MAX_IMAGE_LIST_BYTES, "image list")
+        lines = data.decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise SplitSourceMissing(f"cannot read image list {txt}: {e}") from None
+    except InputRefused as e:
+        raise SplitSourceMissing(str(e)) from None
     # relative lines ('./x.jpg' or 'x.jpg') are resolved against the list's folder (upstream: only './')
     return [os.path.normpath(txt.parent / line.strip()) for line in lines if line.strip() and is_image_file(line.strip())]
 
 
-def list_split_images(data: DataConfig, split: str) -> list[Path]:
-    """All image files of a split (absolute, deduplicated, sorted as upstream sorts them)."""
+def scan_split(data: DataConfig, split: str) -> SplitListing:
+    """All image files of a split (absolute, deduplicated, sorted as upstream sorts them), and the
+    folder symlinks not followed. Files are listed by name only; verify_file decides whether to read each."""
     if split not in data.splits:
         raise UserError(f"{data.yaml_path}: no `{split}` split (has: {', '.join(data.splits) or 'none'})"
                         f"{did_you_mean(split, data.splits)}")
+    listing = SplitListing(images=[])
     files: list[str] = []
+    visited: set[tuple[int, int]] = set()
     for source in data.splits[split]:
         if source.is_dir():
-            files += _images_in_folder(source)
+            files += _images_in_folder(source, data, listing, visited)
         elif source.is_file():
             files += _images_in_list(source)
+        elif source.exists():
+            raise SplitSourceMissing(f"{data.yaml_path}: `{split}` source {source} is a "
+                                     f"{file_kind(source.stat().st_mode)}, not a folder or a .txt list")
         else:
             raise SplitSourceMissing(f"{data.yaml_path}: `{split}` source {source} does not exist "
                                      f"(resolved relative to the dataset root {data.root})")
-    return [Path(f) for f in sorted(set(files))]
+    listing.images = [Path(f) for f in sorted(set(files))]
+    return listing
+
+
+def list_split_images(data: DataConfig, split: str) -> list[Path]:
+    """The image files of a split (scan_split's images; folders not followed are logged)."""
+    listing = scan_split(data, split)
+    for code, path, message in listing.refused:
+        LOGGER.warning(f"{split}: {path}: {message} ({code})")
+    return listing.images
 
 
 def label_path_for(image: str | os.PathLike) -> Path:
@@ -236,11 +316,26 @@ def content_hash(data: bytes) -> str:
 
 
 def check_image_bytes(data: bytes) -> tuple[tuple[int, int] | None, list[Problem], bool]:
-    """Decode as the loader will; returns ((height, width) or None, problems, usable)."""
+    """Decode as the loader will; returns ((height, width) or None, problems, usable).
+
+    The header's dimensions are checked before decoding, so an image that declares more than
+    MAX_IMAGE_PIXELS never gets its pixels allocated. A file Pillow cannot identify is not decoded
+    (OpenCV would read formats whose headers nothing here checks); upstream skips those too."""
     if not data:
         return None, [(IMAGE_UNREADABLE, "empty file")], False
     is_jpeg = data[:3] == JPEG_START
-    im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # EXIF orientation applied
+    size = image_header_size(data)
+    if size is None:
+        if is_jpeg:
+            return None, [(IMAGE_CORRUPT, "JPEG without a readable frame header")], False
+        return None, [(IMAGE_UNREADABLE, "not an image format this pipeline reads")], False
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return None, [(IMAGE_TOO_LARGE, f"header declares {size[0]}x{size[1]} px, more than "
+                                        f"{MAX_IMAGE_PIXELS} px: not decoded")], False
+    try:
+        im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)  # EXIF orientation applied
+    except cv2.error:
+        im = None
     if im is None:
         if is_jpeg:
             return None, [(IMAGE_CORRUPT, "truncated or corrupt JPEG that OpenCV cannot decode")], False

@@ -2,26 +2,78 @@
 
 from __future__ import annotations
 
+import io
 import math
+import struct
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
+
+from yolo.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from yolo.untrusted import TOO_LARGE, InputRefused, read_regular_file
+
+JPEG_START = b"\xff\xd8\xff"
+# Pillow warns about images over half its bomb threshold; MAX_IMAGE_PIXELS is this pipeline's own limit
+# (checked on every header read here), so the warning would only repeat it. Set once: catch_warnings()
+# is not thread-safe, and headers are read in a thread pool.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
+
+
+def _jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame segment; Pillow refuses headers cut before their end."""
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        i += 2 + length
+    return None
+
+
+def image_header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that an image's header declares, read without decoding anything; None when the
+    header is not one Pillow recognises (or, for a JPEG, has no frame header)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Image.DecompressionBombError:
+        return (MAX_IMAGE_PIXELS + 1, 1)
+    except (OSError, ValueError, SyntaxError, TypeError, IndexError, struct.error, EOFError):
+        return _jpeg_frame_size(data) if data[:3] == JPEG_START else None
 
 
 def read_image(path: str | Path) -> np.ndarray | None:
-    """Decode an image as BGR uint8 HxWx3 with EXIF orientation applied; None if OpenCV cannot.
+    """Decode an image as BGR uint8 HxWx3 with EXIF orientation applied; None if it cannot be decoded.
 
-    Goes through np.fromfile + imdecode so non-ASCII paths work; IMREAD_COLOR folds grayscale,
-    alpha and 16-bit images into 8-bit BGR exactly as cv2.imread does for upstream.
+    Only a regular file within MAX_IMAGE_BYTES whose header declares at most MAX_IMAGE_PIXELS is decoded
+    (InputRefused otherwise: one line). IMREAD_COLOR folds grayscale, alpha and 16-bit images into 8-bit
+    BGR exactly as cv2.imread does for upstream.
     """
     try:
-        buf = np.fromfile(str(path), dtype=np.uint8)
+        data, _ = read_regular_file(path, MAX_IMAGE_BYTES, "image")
     except OSError:
         return None
-    if buf.size == 0:
+    size = image_header_size(data)
+    if size is None:
         return None
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise InputRefused(TOO_LARGE, f"image {path} declares {size[0]}x{size[1]} px, more than the "
+                                      f"{MAX_IMAGE_PIXELS} px an image may have: not decoded")
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
 
 
 def resize_long_side(im: np.ndarray, imgsz: int, augment: bool) -> np.ndarray:

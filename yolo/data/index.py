@@ -25,11 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from yolo.data.dataset import (
+    IMAGE_TOO_LARGE,
     IMAGE_UNREADABLE,
     KEPT,
     KEPT_AS_BACKGROUND,
     LABEL_BAD_ROW,
     LABEL_MISSING,
+    LABEL_TOO_LARGE,
+    NOT_A_REGULAR_FILE,
+    OUTSIDE_DATASET,
     SKIPPED,
     DataConfig,
     SplitIndex,
@@ -40,6 +44,16 @@ from yolo.data.dataset import (
     list_split_images,
     parse_label_bytes,
     relative_to_root,
+)
+from yolo.limits import MAX_IMAGE_BYTES, MAX_LABEL_BYTES
+from yolo.untrusted import NOT_A_REGULAR_FILE as REFUSED_NOT_REGULAR
+from yolo.untrusted import (
+    OUTSIDE_ROOT,
+    TOO_LARGE,
+    VIRTUAL_FILESYSTEM,
+    InputRefused,
+    is_inside,
+    read_regular_file,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -67,46 +81,71 @@ class FileRecord:
 
 
 # ---------------------------------------------------------------------------------------------- one file
-def _read(path: str) -> tuple[bytes, os.stat_result]:
-    with open(path, "rb") as f:
-        st = os.fstat(f.fileno())
-        return f.read(), st
+_REFUSED_CODES = {  # InputRefused code -> (problem code for an image, for a label)
+    REFUSED_NOT_REGULAR: (NOT_A_REGULAR_FILE, NOT_A_REGULAR_FILE),
+    TOO_LARGE: (IMAGE_TOO_LARGE, LABEL_TOO_LARGE),
+    OUTSIDE_ROOT: (OUTSIDE_DATASET, OUTSIDE_DATASET),
+    VIRTUAL_FILESYSTEM: (OUTSIDE_DATASET, OUTSIDE_DATASET),
+}
 
 
-def verify_file(task: tuple[str, str, str, str, int, tuple[str, str] | None]) -> FileRecord | tuple:
+def _read(path: str, real_root: str, max_bytes: int, what: str) -> tuple[bytes, os.stat_result]:
+    """A dataset file's bytes: only a regular file, inside the dataset root after resolving symlinks, of at
+    most max_bytes (InputRefused otherwise; the file's content is never quoted)."""
+    if not is_inside(os.path.realpath(path), real_root):
+        raise InputRefused(OUTSIDE_ROOT, "resolves (through a symlink) to outside the dataset root: not read")
+    return read_regular_file(path, max_bytes, what)
+
+
+def _refusal(e: InputRefused, kind: int) -> tuple[str, str]:
+    """(problem code, message without the path: the report names the file) of a refused image or label."""
+    return _REFUSED_CODES.get(e.code, (IMAGE_UNREADABLE, LABEL_BAD_ROW))[kind], e.detail
+
+
+def verify_file(task: tuple[str, str, str, str, int, tuple[str, str] | None, str]) -> FileRecord | tuple:
     """Read, hash and check one image/label pair (bytes read once).
 
-    task = (image_abs, label_abs, image_rel, label_rel, nc, expected_hashes). With expected hashes that
-    match the bytes on disk, returns only ('same', sizes, mtimes) so the caller reuses its record.
+    task = (image_abs, label_abs, image_rel, label_rel, nc, expected_hashes, real_root). With expected
+    hashes that match the bytes on disk, returns only ('same', sizes, mtimes) so the caller reuses its record.
     """
-    image_abs, label_abs, image_rel, label_rel, nc, expected = task
+    image_abs, label_abs, image_rel, label_rel, nc, expected, real_root = task
+    problems: list[tuple[str, str, str, str]] = []
     try:
-        image_bytes, st = _read(image_abs)
+        image_bytes, st = _read(image_abs, real_root, MAX_IMAGE_BYTES, "image")
         image_stat, image_error = (st.st_size, st.st_mtime_ns), None
     except OSError as e:
         image_bytes, image_stat, image_error = b"", (-1, -1), e.strerror or str(e)
+    except InputRefused as e:
+        image_bytes, image_stat, image_error = b"", (-1, -1), ""
+        code, message = _refusal(e, 0)
+        problems.append((code, image_rel, message, SKIPPED))
     try:
-        label_bytes, lst = _read(label_abs)
+        label_bytes, lst = _read(label_abs, real_root, MAX_LABEL_BYTES, "label file")
         label_stat, label_error, label_exists = (lst.st_size, lst.st_mtime_ns), None, True
     except FileNotFoundError:
         label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), None, False
-    except OSError as e:  # a folder named like the label, no permission, ...
+    except OSError as e:  # no permission, ...
         label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), e.strerror or str(e), True
+    except InputRefused as e:
+        label_bytes, label_stat, label_error, label_exists = b"", (-1, -1), _refusal(e, 1), True
     image_hash = content_hash(image_bytes) if image_error is None else ""
     label_hash = content_hash(label_bytes) if label_exists and label_error is None else ""
     if expected is not None and image_error is None and expected == (image_hash, label_hash):
         return ("same", image_stat, label_stat)
 
-    problems: list[tuple[str, str, str, str]] = []
     labels = np.zeros((0, 5), np.float32)
     if image_error is not None:
         shape, usable = None, False
-        problems.append((IMAGE_UNREADABLE, image_rel, f"cannot read: {image_error}", SKIPPED))
+        if image_error:  # "" when refused: the problem is already recorded
+            problems.append((IMAGE_UNREADABLE, image_rel, f"cannot read: {image_error}", SKIPPED))
     else:
         shape, image_problems, usable = check_image_bytes(image_bytes)
         problems += [(code, image_rel, msg, KEPT if usable else SKIPPED) for code, msg in image_problems]
     if usable:
-        if label_error is not None:
+        if isinstance(label_error, tuple):  # refused (not regular, too large, outside the root)
+            usable = False
+            problems.append((label_error[0], label_rel, label_error[1], SKIPPED))
+        elif label_error is not None:
             usable = False
             problems.append((LABEL_BAD_ROW, label_rel, f"cannot read: {label_error}", SKIPPED))
         elif not label_exists:
@@ -172,7 +211,7 @@ def parallel_map(fn: Callable, tasks: list, workers: int = 0, executor: str = "t
 
 # ---------------------------------------------------------------------------------------------- a split
 def yaml_hash(data: DataConfig) -> str:
-    return content_hash(data.yaml_path.read_bytes())
+    return data.yaml_sha256
 
 
 def split_fingerprint(yaml_sha: str, split: str, records: list[FileRecord]) -> str:
@@ -219,7 +258,8 @@ def verify_split(data: DataConfig, split: str, images: list[Path] | None = None,
             records[i] = old
             continue
         expected = (old.image_hash, old.label_hash) if old is not None else None
-        tasks.append((str(image), str(label), rel, relative_to_root(label, data.root), data.nc, expected))
+        tasks.append((str(image), str(label), rel, relative_to_root(label, data.root), data.nc, expected,
+                      data.real_root))
         slots.append(i)
     if previous and tasks:
         LOGGER.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -446,7 +447,12 @@ class TrainLoader(DataLoader):
 
 
 def worker_init(_worker_id: int) -> None:
-    """Keep each worker to one thread: the cores are shared with the training step."""
+    """Keep each worker to one thread: the cores are shared with the training step. Stop signals are the
+    main process's business: a SIGTERM/SIGINT sent to the whole process group or container (Ctrl-C, the
+    image's init under `docker stop`, a pod's PID 1) must not kill a worker the trainer still reads from
+    while it finishes its step and writes last.pt; workers end with the loader, or with their parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from yolo.argtypes import float_between, int_at_least
 from yolo.data.dataset import (
     FATAL,
     NAMES_MISMATCH,
+    SKIPPED,
     SPLIT_EMPTY,
     SPLIT_TOO_MANY_BAD,
     SplitSourceMissing,
-    list_split_images,
     parse_data_config,
+    scan_split,
 )
 from yolo.data.index import dataset_fingerprint, split_fingerprint, verify_split, write_index, yaml_hash
 from yolo.errors import UserError
@@ -72,11 +74,12 @@ def validate(cfg: ValidateConfig) -> dict:
     split_records, split_fps = {}, {}
     for split in data.splits:
         try:
-            images = list_split_images(data, split)
+            listing = scan_split(data, split)
         except SplitSourceMissing as e:
             images, missing = [], str(e)
         else:
-            missing = None
+            images, missing = listing.images, None
+            problems += [_problem(split, path, code, message, SKIPPED) for code, path, message in listing.refused]
         if not images:
             sources = ", ".join(str(s) for s in data.splits[split])
             problems.append(_problem(split, sources, SPLIT_EMPTY, missing or f"no images in {sources}", FATAL))
@@ -124,10 +127,31 @@ def validate(cfg: ValidateConfig) -> dict:
     return report
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+_MARKDOWN_SPECIAL = {ord(c): f"\\{c}" for c in "\\`*_[]<>!|#~&"}
+
+
+def md_code(text: str) -> str:
+    """`text` as one inline code span: control characters shown as escapes (a newline cannot end the
+    line), fenced with more backticks than any run inside it (CommonMark), so nothing in a file name
+    becomes Markdown."""
+    text = str(text).translate(_CONTROL)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def md_text(text: str) -> str:
+    """Plain text that stays plain in Markdown: control characters shown as escapes, markup characters
+    backslash-escaped (messages quote bits of labels and file names)."""
+    return str(text).translate(_MARKDOWN_SPECIAL).translate(_CONTROL)
+
+
 def report_markdown(report: dict) -> str:
     """A human summary: counts per split, problems grouped by code, the first files of each."""
     lines = [f"# Dataset validation: {'OK' if report['ok'] else 'FAILED'}", "",
-             f"- data: `{report['data']}`", f"- root: `{report['root']}`",
+             f"- data: {md_code(report['data'])}", f"- root: {md_code(report['root'])}",
              f"- classes: {report['nc']}", f"- max bad fraction: {report['max_bad_fraction']:g}",
              f"- fingerprint: `{report['fingerprint']}`", "",
              "| split | images | usable | skipped | backgrounds | boxes | problems |",
@@ -151,7 +175,7 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"### {code} ({len(items)})", ""]
         for p in items[:REPORT_MD_FILES_PER_CODE]:
             where = f"{p['split']}: " if p["split"] else ""
-            lines.append(f"- {where}`{p['file']}`: {p['message']} ({p['action']})")
+            lines.append(f"- {where}{md_code(p['file'])}: {md_text(p['message'])} ({p['action']})")
         if len(items) > REPORT_MD_FILES_PER_CODE:
             lines.append(f"- ... and {len(items) - REPORT_MD_FILES_PER_CODE} more in report.json")
     return "\n".join(lines) + "\n"

@@ -6,7 +6,8 @@ upload in progress) and queues it; one worker thread uploads, at most one transf
 snapshot of the same key replaces a queued older one (newest wins). A failing store is retried with
 back-off while training goes on; `close()` waits for the final state to land.
 
-Also here: the RNG states that last.pt carries, in a form `torch.load(weights_only=True)` reads.
+Also here: the RNG states that last.pt carries, in a form `torch.load(weights_only=True)` reads, and
+`write_checkpoint`, which turns a full disk into one line.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import numpy as np
 import torch
 
 from yolo.errors import UserError
+from yolo.files import environment_error
+from yolo.model.checkpoint import save_checkpoint
+from yolo.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,32 @@ def restore_rng(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
+    """save_checkpoint (atomic), with a full disk, a quota or a read-only folder as one UserError line;
+    the previous file at `path` stays intact and no temp file is left."""
+    try:
+        save_checkpoint(path, ckpt)
+    except OSError as e:
+        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except RuntimeError as e:
+        # torch's zip writer reports a failed write(2) as a RuntimeError without the errno
+        cause = environment_error(e)
+        reason = cause.strerror if cause is not None else _write_failure(path, e)
+        raise UserError(f"cannot write checkpoint {path}: {reason}") from None
+
+
+def _write_failure(path: Path, error: RuntimeError) -> str:
+    try:
+        st = os.statvfs(path.parent)
+        free = f"{st.f_bavail * st.f_frsize / 1e6:.1f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"the write failed ({free}; {str(error).splitlines()[0][-120:]})"
 
 
 # ------------------------------------------------------------------------------------------ sink
@@ -158,7 +188,7 @@ class CheckpointSink:
             self._pending.clear()
             self._cond.notify_all()
         if abandoned:
-            log.warning(f"gave up uploading {', '.join(abandoned)} to {self.uri}; the local copies are complete")
+            log.warning(redact(f"gave up uploading {', '.join(abandoned)} to {self.uri}; the local copies are complete"))
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         if self._stage_dir is not None:
@@ -200,7 +230,8 @@ class CheckpointSink:
             except Exception as e:  # noqa: BLE001 - any store failure: warn and retry, never kill training
                 self.failures += 1
                 reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-                log.warning(f"checkpoint upload of {key} to {self.uri} failed ({reason}); retrying in {delay:.0f}s")
+                log.warning(redact(f"checkpoint upload of {key} to {self.uri} failed ({reason}); "
+                                   f"retrying in {delay:.0f}s"))
                 with self._cond:
                     if key not in self._pending:  # nothing newer arrived: retry this snapshot
                         self._pending[key] = staged

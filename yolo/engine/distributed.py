@@ -72,15 +72,6 @@ def rank_device(ctx: DistContext, device: torch.device) -> torch.device:
     return device
 
 
-def cpu_threads_per_rank(ctx: DistContext) -> int:
-    """Intra-op threads for this process: the cores we may use, shared between local ranks."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, ctx.local_world_size))
-
-
 def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     """`obj` from rank `src` on every rank (identity when not distributed)."""
     if not ctx.enabled:

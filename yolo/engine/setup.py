@@ -1,10 +1,13 @@
 """Everything the train loop needs before its first step: device and seeds, data, model and anchors,
 the run identity and the resume decision, loss, loaders, and the checkpoint format of this run.
 
-Resume decision (see docs/architecture.md, "Training"):
+Resume decision (see docs/architecture.md, "Training" and "What a checkpoint may decide"):
 - `--resume [SRC]` continues SRC's last.pt (a run folder, a .pt, or an s3:// run URI; no value: --out or
-  --checkpoint-uri) with the arguments it was started with; only --epochs (extend), --device, --workers,
-  --out, --checkpoint-uri and --tensorboard may change. A --data whose fingerprint differs is refused.
+  --checkpoint-uri) with the arguments it was started with; only --epochs (extend), --device, --workers
+  and --tensorboard may change. A --data whose fingerprint differs is refused. Where the run writes
+  (--out), mirrors (--checkpoint-uri) and what it fetches (--weights) never come from the checkpoint:
+  they come from the command line (or SRC's own location), and a checkpoint that says otherwise is
+  reported in a warning, not obeyed. The model is rebuilt from last.pt itself; nothing is downloaded.
 - otherwise an unfinished last.pt with this run's identity in --out (or at --checkpoint-uri) is continued
   automatically; a finished one or another identity starts clean, and the log says why.
 """
@@ -15,7 +18,7 @@ import logging
 import os
 import random
 import tempfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +28,23 @@ import yaml
 from torch.utils.data import DataLoader, Sampler
 
 from yolo.engine import distributed as dist_utils
+from yolo.engine.checkpointing import write_checkpoint
 from yolo.engine.distributed import DistContext
+from yolo.engine.lease import Lease
+from yolo.engine.nonfinite import refuse_nonfinite
 from yolo.engine.run_identity import file_digest, run_identity
 from yolo.errors import UserError
+from yolo.redact import redact
 
 LOG = logging.getLogger(__name__)
 DEFAULT_CFG = "yolov5n.yaml"
+DEFAULT_OUT = "runs/train"  # TrainConfig.out's default, for a run whose --out is settled late (resume)
 LAST_KEY, BEST_KEY = "weights/last.pt", "weights/best.pt"
-# Options that --resume may change; everything else comes from the checkpoint's arguments.
 RUN_ID_PLACEHOLDER = "{run_id}"  # in --checkpoint-uri: replaced by the run identity
-RESUME_OVERRIDES = ("device", "workers", "out", "checkpoint_uri", "tensorboard")
+# Options that --resume may change; the rest of the run's arguments come from the checkpoint, except
+# PLACES (where the run writes, mirrors and fetches from), which only the command line decides.
+RESUME_OVERRIDES = ("device", "workers", "tensorboard")
+PLACES = ("out", "checkpoint_uri", "weights")
 
 
 @dataclass
@@ -56,6 +66,18 @@ class RunSetup:
     resume_state: dict | None = None
     resumed_from: str | None = None
     last_maps: np.ndarray | None = None
+    identity_inputs: dict[str, Any] | None = None  # what the run identity hashed besides data, hyp, args
+    leases: list[Lease] = field(default_factory=list)  # held on --out and --checkpoint-uri (rank 0)
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
+        self.leases.clear()
+
+    def check_leases(self) -> None:
+        """Before each checkpoint: stop if another writer took over one of our folders."""
+        for lease in self.leases:
+            lease.check()
 
     # ------------------------------------------------------------------------------------ per epoch
     def epoch_batches(self, epoch: int, start: int = 0):
@@ -97,6 +119,7 @@ class RunSetup:
         ckpt = checkpoint_dict(
             model, half=False, imgsz=self.cfg.imgsz, hyp=self.hyp.to_dict(), args=self.cfg.to_dict(),
             dataset_fingerprint=self.dataset_fingerprint, data_version=self.cfg.data_version, run_id=self.run_id,
+            identity=dict(self.identity_inputs or {}),
         )  # fmt: skip
         ckpt["names"] = list(self.names)
         if half:  # anchors stay fp32: evolved anchors would lose digits in fp16
@@ -104,11 +127,9 @@ class RunSetup:
                              for k, v in ckpt["model"].items()}
         return ckpt
 
-    @staticmethod
-    def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-        from yolo.model.checkpoint import save_checkpoint
-
-        save_checkpoint(path, ckpt)
+    def save_checkpoint(self, path: Path, ckpt: dict[str, Any]) -> None:
+        self.check_leases()
+        write_checkpoint(path, ckpt)
 
 
 class _SkipSampler(Sampler):
@@ -127,19 +148,21 @@ class _SkipSampler(Sampler):
 # ---------------------------------------------------------------------------------------- prepare
 def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     """Resolve resume, device, data, model, identity and loaders for TrainConfig `cfg`."""
-    from yolo.device import select_device
+    from yolo.device import cpu_threads, select_device
     from yolo.files import prepare_out_dir
 
     if not ctx.is_main:
         logging.getLogger("yolo").setLevel(logging.WARNING)
     explicit = None
     if cfg.resume is not None:
+        if cfg.weights:
+            raise UserError("--weights cannot be combined with --resume: the run continues from its last.pt")
         explicit = _load_explicit_resume(cfg)
         cfg = _merge_resume_args(cfg, *explicit)
     if cfg.data is None:
         raise UserError("--data is required (unless --resume names a run to continue)")
     if cfg.out is None:
-        cfg = replace(cfg, out=Path("runs/train"))
+        cfg = replace(cfg, out=Path(DEFAULT_OUT))
     if cfg.sync_bn and not ctx.enabled:
         LOG.info("--sync-bn only applies under torchrun with several processes; ignored")
 
@@ -152,7 +175,7 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     dist_utils.init_distributed(ctx, device)
     _seed_everything(cfg.seed, cfg.deterministic, device)
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(ctx, cfg.deterministic))
+        torch.set_num_threads(cpu_threads(processes=ctx.local_world_size))  # yolo.device's one rule
     out = prepare_out_dir(cfg.out)
     if cfg.checkpoint_uri and ctx.is_main:
         from yolo.storage import open_storage
@@ -169,7 +192,10 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     from yolo.hyp import load_hyp
 
     hyp = load_hyp(cfg.hyp)
-    model, identity_inputs = _build_model(cfg, nc, hyp, train_index, quiet=explicit is not None)
+    if explicit is not None:
+        model, identity_inputs = _model_to_resume(explicit[0], nc)
+    else:
+        model, identity_inputs = _build_model(cfg, nc, hyp, train_index)
     model.names = names
     run_id = run_identity(fingerprint, identity_inputs["cfg"], hyp.to_dict(), {
         **{k: getattr(cfg, k) for k in cfg.RESULT_ARGS},
@@ -182,8 +208,43 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
         # training (a KFP retry, a resubmission with the same data and parameters) finds and resumes it,
         # and changed parameters get a folder of their own.
         cfg = replace(cfg, checkpoint_uri=cfg.checkpoint_uri.replace(RUN_ID_PLACEHOLDER, run_id))
-        LOG.info(f"checkpoints of run {run_id}: {cfg.checkpoint_uri}")
+        LOG.info(redact(f"checkpoints of run {run_id}: {cfg.checkpoint_uri}"))
 
+    leases = _take_leases(cfg, ctx, out, run_id)
+    try:
+        setup = _prepare_rest(cfg, ctx, device, out, hyp, model, identity_inputs, names, nc, run_id,
+                              train_index, val_index, fingerprint, explicit)
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise
+    setup.leases = leases
+    return setup
+
+
+def _take_leases(cfg, ctx: DistContext, out: Path, run_id: str) -> list[Lease]:
+    """One writer per run folder and per checkpoint URI (rank 0 writes; see yolo.engine.lease)."""
+    if not ctx.is_main:
+        return []
+    from yolo.storage import open_storage
+
+    leases: list[Lease] = []
+    roots = [open_storage(out)] + ([open_storage(cfg.checkpoint_uri)] if cfg.checkpoint_uri else [])
+    try:
+        for storage in {s.uri: s for s in roots}.values():  # --checkpoint-uri may be --out itself
+            leases.append(Lease(storage, run_id, str(out)).acquire())
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise
+    return leases
+
+
+def _prepare_rest(cfg, ctx, device, out, hyp, model, identity_inputs, names, nc, run_id, train_index,
+                  val_index, fingerprint, explicit) -> RunSetup:
+    if ctx.is_main:
+        # a train.json left by an earlier run must never pass for this one's: it is written again, last
+        (out / "train.json").unlink(missing_ok=True)
     resume_state, resumed_from = None, None
     if explicit is not None:
         resume_state, resumed_from = explicit
@@ -193,8 +254,9 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
         if found is not None:
             resume_state, resumed_from = found
     if resume_state is not None:
-        LOG.info(f"resuming run {run_id} from {resumed_from}: epoch {resume_state['train']['epoch']}, "
-                 f"batch {resume_state['train']['iteration']}")
+        refuse_nonfinite(resume_state, f"--resume {resumed_from}" if explicit else redact(resumed_from))
+        LOG.info(redact(f"resuming run {run_id} from {resumed_from}: epoch {resume_state['train']['epoch']}, "
+                        f"batch {resume_state['train']['iteration']}"))
 
     model = _freeze(model, cfg.freeze)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -225,15 +287,8 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
         cfg=cfg, ctx=ctx, device=device, out=out, hyp=hyp, model=model, compute_loss=compute_loss, names=names,
         train_index=train_index, val_index=val_index, train_loader=loader, train_dataset=dataset, run_id=run_id,
         dataset_fingerprint=fingerprint, resume_state=resume_state, resumed_from=resumed_from,
+        identity_inputs=identity_inputs,
     )  # fmt: skip
-
-
-def _cpu_threads(ctx: DistContext, deterministic: bool) -> int:
-    """The cores this process may use (shared between local ranks), by yolo.device.cpu_threads' rule."""
-    from yolo.device import cpu_threads
-
-    threads = dist_utils.cpu_threads_per_rank(ctx)
-    return cpu_threads(threads, threads * max(1, ctx.local_world_size), adapt_to_load=not deterministic)
 
 
 def _seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
@@ -269,7 +324,26 @@ def _load_data(cfg):
 
 
 # ---------------------------------------------------------------------------------------- model
-def _build_model(cfg, nc: int, hyp, train_index, quiet: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _model_to_resume(ckpt: dict[str, Any], nc: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """--resume: the model rebuilt from last.pt's own cfg and weights (nothing read or fetched from the
+    places its arguments name). The identity inputs are the ones the run recorded; a last.pt written
+    before they were recorded gets its cfg and the recorded weights/anchors names as labels."""
+    from yolo.model.checkpoint import model_from_checkpoint
+
+    if not isinstance(ckpt.get("cfg"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError("--resume: that last.pt holds no model cfg and weights to continue from")
+    model = model_from_checkpoint(ckpt, nc=nc)
+    recorded = ckpt.get("identity") if isinstance(ckpt.get("identity"), dict) else {}
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    identity = {
+        "cfg": recorded.get("cfg") if isinstance(recorded.get("cfg"), dict) else dict(model.yaml),
+        "weights": recorded.get("weights", args.get("weights")),
+        "anchors": recorded.get("anchors", args.get("anchors")),
+    }
+    return model, {k: (v if v is None or isinstance(v, dict) else str(v)) for k, v in identity.items()}
+
+
+def _build_model(cfg, nc: int, hyp, train_index) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model with nc from the data, weights transferred and anchors by priority:
     --anchors anchors.json > the --cfg's anchors (when --cfg is given) > the checkpoint's."""
     from yolo.model.cfg import load_cfg
@@ -292,6 +366,7 @@ def _build_model(cfg, nc: int, hyp, train_index, quiet: bool = False) -> tuple[t
         from yolo.model.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(cfg.weights)
+        refuse_nonfinite(ckpt, f"--weights {cfg.weights}")
         weights_id = file_digest(cfg.weights) if Path(cfg.weights).is_file() else str(cfg.weights)
         if cfg.cfg:
             from yolo.model.transfer import transfer_state
@@ -304,7 +379,7 @@ def _build_model(cfg, nc: int, hyp, train_index, quiet: bool = False) -> tuple[t
             model = model_from_checkpoint(ckpt, nc=nc, anchors=anchors_rows)
     else:
         model = DetectionModel(load_cfg(cfg.cfg or DEFAULT_CFG), nc=nc, anchors=anchors_rows)
-        if not cfg.cfg and not quiet:
+        if not cfg.cfg:
             LOG.info(f"no --weights or --cfg: training {DEFAULT_CFG} from scratch")
     identity_cfg = dict(model.yaml)
 
@@ -342,8 +417,9 @@ def _read_last(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _fetch_remote_last(uri: str, dest: Path | None = None) -> tuple[dict[str, Any], str] | None:
-    """Download and read the last.pt at a run URI (or a .pt URI); kept at `dest` when given."""
+def _fetch_remote_last(uri: str, trust_unverified: bool, dest: Path | None = None) -> tuple[dict[str, Any], str] | None:
+    """Download and read the last.pt at a run URI (or a .pt URI); kept at `dest` when given. Its SHA-256
+    must have been recorded at upload (a rewritten object is refused) unless `trust_unverified`."""
     from yolo.storage import open_storage
 
     base, key = (uri.rsplit("/", 1)[0], uri.rsplit("/", 1)[1]) if uri.endswith(".pt") else (uri, LAST_KEY)
@@ -351,9 +427,9 @@ def _fetch_remote_last(uri: str, dest: Path | None = None) -> tuple[dict[str, An
     if not storage.exists(key):
         return None
     if dest is not None:
-        return _read_last(storage.get(key, dest)), storage.uri_for(key)
+        return _read_last(storage.get(key, dest, require_checksum=not trust_unverified)), storage.uri_for(key)
     with tempfile.TemporaryDirectory(prefix="yolo-resume-") as tmp:
-        local = storage.get(key, Path(tmp) / "last.pt")
+        local = storage.get(key, Path(tmp) / "last.pt", require_checksum=not trust_unverified)
         return _read_last(local), storage.uri_for(key)
 
 
@@ -364,7 +440,7 @@ def _load_explicit_resume(cfg) -> tuple[dict[str, Any], str]:
     if not source:
         raise UserError("--resume needs a run folder, a last.pt or an s3:// URI (or --out / --checkpoint-uri)")
     if is_remote(source):
-        found = _fetch_remote_last(source)
+        found = _fetch_remote_last(source, cfg.trust_unverified)
         if found is None:
             raise UserError(f"--resume {source}: no {LAST_KEY} there")
         return found
@@ -377,14 +453,13 @@ def _load_explicit_resume(cfg) -> tuple[dict[str, Any], str]:
 
 
 def _merge_resume_args(cfg, ckpt: dict[str, Any], source: str):
-    """The checkpoint's own arguments, with the few options a resume may change. Without --out, a local
-    last.pt continues in its own run folder; a remote one in the folder its run was started with."""
-    saved = dict(ckpt.get("args") or {})
-    if cfg.out is None and "://" not in source:
-        last = Path(source)
-        saved["out"] = str(last.parent.parent if last.parent.name == "weights" else last.parent)
+    """The checkpoint's own arguments, with the few options a resume may change. PLACES come from the
+    command line: --out, else a local last.pt's own run folder, else the default; --checkpoint-uri, else
+    an s3:// SRC's own run folder; --weights not at all (the model comes from last.pt). Where the
+    checkpoint names other places, a warning says so and they are ignored."""
+    saved = dict(ckpt.get("args") or {}) if isinstance(ckpt.get("args"), dict) else {}
     known = {f.name for f in fields(cfg)}
-    values = {k: v for k, v in saved.items() if k in known}
+    values = {k: v for k, v in saved.items() if k in known and k not in PLACES}
     for key in ("data", "hyp", "anchors", "index"):
         if values.get(key):
             values[key] = Path(values[key])
@@ -400,12 +475,49 @@ def _merge_resume_args(cfg, ckpt: dict[str, Any], source: str):
         values["epochs"] = cfg.epochs
     elif values.get("epochs") is None:
         values["epochs"] = type(cfg)().epochs
+    values["out"] = cfg.out if cfg.out is not None else _own_run_folder(source)
+    values["checkpoint_uri"] = cfg.checkpoint_uri or _own_run_uri(source)
+    values["weights"] = None
+    values["trust_unverified"] = cfg.trust_unverified  # a checkpoint cannot vouch for itself
     values["resume"] = None
     values["epochs_given"] = True
     merged = type(cfg)(**values)
-    if merged.out is None:
-        merged = replace(merged, out=Path("runs/train"))
+    _report_ignored_places(saved, merged, source)
     return merged
+
+
+def _own_run_folder(source: str) -> Path:
+    """A local last.pt continues in the run folder it lies in; a remote one in the default folder."""
+    if "://" in source:
+        return Path(DEFAULT_OUT)
+    last = Path(source)
+    return last.parent.parent if last.parent.name == "weights" else last.parent
+
+
+def _own_run_uri(source: str) -> str | None:
+    """An s3:// SRC keeps mirroring to its own run folder (s3://b/run or s3://b/run/weights/last.pt)."""
+    from yolo.storage import is_remote
+
+    if not is_remote(source):
+        return None
+    base = source.rsplit("/", 1)[0] if source.endswith(".pt") else source.rstrip("/")
+    return base[: -len("/weights")] if base.endswith("/weights") else base
+
+
+def _report_ignored_places(saved: dict[str, Any], cfg, source: str) -> None:
+    """A checkpoint may not decide where a run writes, mirrors or fetches from: say what was ignored."""
+    for key, flag in (("out", "--out"), ("checkpoint_uri", "--checkpoint-uri"), ("weights", "--weights")):
+        named = saved.get(key)
+        used = getattr(cfg, key)
+        if named in (None, "") or str(named) == str(used):
+            continue
+        shown = redact(str(named))[:200]
+        if key == "weights":
+            LOG.warning(f"--resume {redact(source)}: its arguments name weights {shown!r}; not fetched (the model "
+                        f"continues from last.pt)")
+        else:
+            LOG.warning(f"--resume {redact(source)}: its arguments name {flag} {shown!r}; ignored, this run uses "
+                        f"{redact(str(used)) if used else 'none'} (only the command line decides {flag})")
 
 
 def _check_same_dataset(explicit: tuple[dict[str, Any], str], fingerprint: str) -> None:
@@ -440,7 +552,7 @@ def _automatic_resume(cfg, ctx: DistContext, out: Path, run_id: str) -> tuple[di
     if Path(path).is_file():
         return _read_last(Path(path)), origin
     # another node of a multi-node job: the run folder is not shared, the URI is
-    found = _fetch_remote_last(cfg.checkpoint_uri) if cfg.checkpoint_uri else None
+    found = _fetch_remote_last(cfg.checkpoint_uri, cfg.trust_unverified) if cfg.checkpoint_uri else None
     if found is None:
         raise UserError(f"rank {ctx.rank}: cannot read {path} (not on this node) and no --checkpoint-uri")
     return found
@@ -457,7 +569,7 @@ def _find_own_last(cfg, out: Path, run_id: str) -> tuple[str, str] | None:
         staged = out / "weights" / ".remote-last.pt"
         staged.parent.mkdir(parents=True, exist_ok=True)
         try:
-            found = _fetch_remote_last(cfg.checkpoint_uri, staged)
+            found = _fetch_remote_last(cfg.checkpoint_uri, cfg.trust_unverified, staged)
             if found is not None and _judge(found[0], run_id, found[1]):
                 os.replace(staged, local)
                 LOG.info(f"restored {local} from {found[1]}")
@@ -480,7 +592,7 @@ def _judge(ckpt: dict[str, Any] | None, run_id: str, where: str) -> bool:
     if ckpt is None:
         return False
     if ckpt.get("run_id") != run_id:
-        LOG.info(f"{where} belongs to another run ({ckpt.get('run_id')}: different data, cfg, hyp or arguments); "
+        LOG.info(f"{where} belongs to another run ({str(ckpt.get('run_id'))[:32]!r}: different data, cfg, hyp or arguments); "
                  f"starting a new run {run_id} (its outputs are replaced)")
         return False
     if ckpt["train"].get("finished"):

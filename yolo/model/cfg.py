@@ -8,6 +8,8 @@ from pathlib import Path
 import yaml
 
 from yolo.errors import UserError, did_you_mean
+from yolo.limits import MAX_CFG_LAYERS
+from yolo.untrusted import InvalidYaml, parse_yaml, read_yaml_file, short_repr
 
 CFG_DIR = Path(__file__).resolve().parent / "cfg"
 REQUIRED_KEYS = ("nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head")
@@ -31,40 +33,38 @@ def find_cfg(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_cfg(name_or_path: str | os.PathLike) -> dict:
-    """Read and check a model cfg (yaml.safe_load); UserError naming file and line on any problem."""
+    """Read and check a model cfg (safe yaml within budgets); UserError naming file and line on any problem."""
     from yolo.model.yolo import LAYERS  # the registry of layer names the builder knows
 
     path = find_cfg(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read model cfg {path}: {e}") from None
-    try:
-        cfg = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes carry line numbers for messages
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark else str(path)
-        raise UserError(f"model cfg {where}: not valid yaml: {getattr(e, 'problem', None) or e}") from None
+        cfg, root = parse_yaml(read_yaml_file(path, "model cfg"), f"model cfg {path}")
+    except InvalidYaml as e:
+        where = f"{path}, line {e.line}" if e.line else str(path)
+        raise UserError(f"model cfg {where}: not valid yaml: {e.problem}") from None
     if not isinstance(cfg, dict):
         raise UserError(f"model cfg {path}: expected a mapping with keys {', '.join(REQUIRED_KEYS)}")
     missing = [k for k in REQUIRED_KEYS if k not in cfg]
     if missing:
         raise UserError(f"model cfg {path}: missing key(s) {', '.join(missing)}")
-    nodes = {k.value: v for k, v in root.value}
+    nodes = {k.value: v for k, v in root.value if isinstance(k, yaml.ScalarNode)}
     for section in ("backbone", "head"):
-        rows, row_nodes = cfg[section], nodes[section]
-        if not isinstance(rows, list) or not rows:
-            raise UserError(f"model cfg {path}, line {row_nodes.start_mark.line + 1}: "
-                            f"`{section}` must be a list of [from, number, module, args]")
+        rows, row_nodes = cfg[section], nodes.get(section)
+        if not isinstance(rows, list) or not rows or not isinstance(row_nodes, yaml.SequenceNode):
+            line = f", line {row_nodes.start_mark.line + 1}" if row_nodes is not None else ""
+            raise UserError(f"model cfg {path}{line}: `{section}` must be a list of [from, number, module, args]")
+        if len(rows) > MAX_CFG_LAYERS:
+            raise UserError(f"model cfg {path}, line {row_nodes.start_mark.line + 1}: `{section}` has {len(rows)} "
+                            f"layers, more than the {MAX_CFG_LAYERS} a model may have")
         for j, (row, node) in enumerate(zip(rows, row_nodes.value, strict=True)):
             line = node.start_mark.line + 1
             if not (isinstance(row, list) and len(row) == 4):
                 raise UserError(f"model cfg {path}, line {line}: {section} layer {j}: "
-                                f"expected [from, number, module, args], got {row!r}")
+                                f"expected [from, number, module, args], got {short_repr(row)}")
             name = row[2]
             if name not in LAYERS:
                 line = node.value[2].start_mark.line + 1
                 raise UserError(f"model cfg {path}, line {line}: {section} layer {j}: unknown module "
-                                f"{name!r}{did_you_mean(str(name), LAYERS)}; known: {', '.join(LAYERS)}")
+                                f"{short_repr(name)}{did_you_mean(str(name)[:80], LAYERS)}; known: "
+                                f"{', '.join(LAYERS)}")
     return cfg

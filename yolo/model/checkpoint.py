@@ -12,8 +12,12 @@ from typing import Any
 
 import torch
 
-from yolo.errors import UserError
+from yolo.errors import UserError, one_line
 from yolo.files import atomic_path
+from yolo.limits import MAX_CHECKPOINT_VALUES, MAX_CLASSES
+from yolo.model.archive import check_checkpoint_file
+from yolo.model.upstream import import_upstream, restricted_load
+from yolo.untrusted import check_data_tree, short_repr
 
 LOG = logging.getLogger(__name__)
 FORMAT = "yolo-pipeline/1"
@@ -63,43 +67,76 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
         os.chmod(tmp, FILE_MODE)  # the temp file is created 0600; a checkpoint is an ordinary artefact
 
 
+def load_weights_only(path: Path) -> Any:
+    """torch.load(weights_only=True) of a file whose budgets passed first (yolo/model/archive.py): no
+    entry is inflated or allocated before its declared size is known to fit. pickle.UnpicklingError
+    passes through (a pickle naming classes: the caller may try the restricted unpickler)."""
+    if not check_checkpoint_file(path):
+        raise UserError(f"{path}: not a checkpoint (a torch checkpoint is a zip archive)")
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {one_line(e)}") from None
+
+
 def load_checkpoint(path_or_name: str | os.PathLike) -> dict:
     """Our checkpoint dict from a file, an official name (`yolov5s.pt`) or a URL; upstream files imported."""
     from yolo.model.download import resolve_weights
-    from yolo.model.upstream import import_upstream, restricted_load
 
     path = resolve_weights(path_or_name)
     if path.is_dir():
         raise UserError(f"weights {path} is a folder, expected a .pt file")
-    if not zipfile.is_zipfile(path):
+    if not check_checkpoint_file(path):
         # torch>=1.6 always writes zip archives. Run the restricted unpickler anyway so a crafted pickle
         # is refused by the class it names; anything else is not a checkpoint.
         restricted_load(path)
         raise UserError(f"{path}: not a checkpoint (neither this project's format nor an upstream YOLOv5 .pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _torch_load(path)
     except pickle.UnpicklingError:
         # weights_only refuses pickled classes: an upstream YOLOv5 file (or something hostile). The
         # restricted unpickler imports the former and refuses the latter by name.
-        return import_upstream(path)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                        f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+        return {"format": FORMAT, **import_upstream(path)}
     return _validated(ckpt, path)
+
+
+def check_tensor_views(obj: Any, where: str) -> None:
+    """Refuse tensors that claim more elements than their storage holds (zero strides, overlapping
+    views): copying one would allocate what its shape declares, not what the file holds."""
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() * obj.element_size() > obj.untyped_storage().nbytes():
+            raise UserError(f"{where}: a tensor of shape {tuple(obj.shape)[:8]} is larger than its storage: refused")
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            check_tensor_views(v, where)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            check_tensor_views(v, where)
 
 
 def _validated(ckpt: Any, path: Path) -> dict:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, expected a dict)")
+    # before anything reads, copies or prints it: no cycles, no shared-reference bombs, no huge views
+    check_data_tree(ckpt, str(path), max_nodes=MAX_CHECKPOINT_VALUES)
+    check_tensor_views(ckpt, str(path))
     fmt = ckpt.get("format")
     if fmt != FORMAT:
         if isinstance(fmt, str) and fmt.startswith("yolo-pipeline/"):
-            raise UserError(f"{path}: checkpoint format {fmt} is newer than this version reads ({FORMAT})")
+            raise UserError(f"{path}: checkpoint format {short_repr(fmt)} is newer than this version reads ({FORMAT})")
         raise UserError(f"{path}: not a yolo-pipeline checkpoint (no format field {FORMAT!r}; a bare "
                         "state_dict cannot be rebuilt without its cfg)")
     for key, kind in (("cfg", dict), ("model", dict), ("names", list)):
         if not isinstance(ckpt.get(key), kind):
             raise UserError(f"{path}: checkpoint field `{key}` missing or not a {kind.__name__}")
+    if len(ckpt["names"]) > MAX_CLASSES:
+        raise UserError(f"{path}: names lists {len(ckpt['names'])} classes, more than {MAX_CLASSES}")
     return ckpt
 
 

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from yolo.errors import UserError
 from yolo.files import prepare_out_dir
 
 LOG = logging.getLogger(__name__)
@@ -32,14 +33,17 @@ def run(args: argparse.Namespace) -> int:
 
 def convert(config: ConvertConfig) -> dict:
     """Read, rebuild (which checks weights against cfg) and write atomically; returns the written dict."""
-    from yolo.model.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
+    from yolo.engine.checkpointing import write_checkpoint
+    from yolo.model.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint
 
+    if config.out.is_dir():
+        raise UserError(f"--out {config.out} is a folder; give the .pt file to write (e.g. {config.out / 'model.pt'})")
+    prepare_out_dir(config.out.parent)  # missing or read-only: one line before the work
     ckpt = load_checkpoint(config.weights)
     model = model_from_checkpoint(ckpt)
     extra = {"source": ckpt["source"]} if isinstance(ckpt.get("source"), dict) else {}
     out = checkpoint_dict(model, half=config.half, **extra)
-    prepare_out_dir(config.out.parent if str(config.out.parent) else Path("."))
-    save_checkpoint(config.out, out)
+    write_checkpoint(config.out, out)
     LOG.info("Wrote %s (%d classes, %d tensors, %s)", config.out, len(out["names"]), len(out["model"]),
              "fp16" if config.half else "fp32")
     return out

@@ -52,22 +52,23 @@ def resolve_weights(spec: str | os.PathLike) -> Path:
                     "yolov5s.pt, or an https:// URL)")
 
 
-def _cache_path(url: str) -> Path:
+def _cache_path(url: str, kind: str = "weights") -> Path:
     parsed = urllib.parse.urlsplit(url)
     name = Path(urllib.parse.unquote(parsed.path)).name or "weights.pt"
     # one folder per URL without its fragment: same name from two servers never collides
     key = hashlib.sha256(urllib.parse.urlunsplit(parsed._replace(fragment="")).encode()).hexdigest()[:16]
-    return cache_dir() / "weights" / key / name
+    return cache_dir() / kind / key / name
 
 
-def download(url: str) -> Path:
-    """Download `url` into the cache (once); `#sha256=HEX` in the URL is verified. UserError when it fails."""
+def download(url: str, kind: str = "weights") -> Path:
+    """Download `url` into the cache (once); `#sha256=HEX` in the URL is verified. UserError when it fails.
+    kind names the cache subfolder: "weights", or "sources" for predict's --source URLs."""
     parsed = urllib.parse.urlsplit(url)
     expected_sha = None
     frag = urllib.parse.parse_qs(parsed.fragment)
     if "sha256" in frag:
         expected_sha = frag["sha256"][0].lower()
-    target = _cache_path(url)
+    target = _cache_path(url, kind)
     if target.is_file():
         if expected_sha and _sha256(target) != expected_sha:
             LOG.info("cached %s does not match its sha256; downloading again", target)
@@ -99,8 +100,9 @@ def download(url: str) -> Path:
     except urllib.error.HTTPError as e:
         raise UserError(f"cannot download {clean_url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
-        raise UserError(f"cannot download {clean_url}: {_reason(e.reason)} (offline? put the file locally "
-                        f"or set {BASE_URL_ENV} to a mirror)") from None
+        mirror = f" or set {BASE_URL_ENV} to a mirror" if kind == "weights" else ""
+        raise UserError(f"cannot download {clean_url}: {_reason(e.reason)} (offline? put the file locally"
+                        f"{mirror})") from None
     except TimeoutError as e:
         raise UserError(f"cannot download {clean_url}: timed out after {timeout:g} s ({e})") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # reset mid-body, IncompleteRead, bad URL

@@ -10,6 +10,7 @@ and every other global (`os.system`, `builtins.eval`, unknown modules) is refuse
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -18,7 +19,10 @@ from typing import Any
 
 import torch
 
-from yolo.errors import UserError
+from yolo.errors import UserError, one_line
+from yolo.limits import MAX_CHECKPOINT_ENTRIES, MAX_CLASSES, MAX_DATA_DEPTH
+from yolo.model.archive import check_checkpoint_file
+from yolo.untrusted import check_data_tree, short_repr
 
 UPSTREAM_MODEL_CLASSES = {"Model", "DetectionModel"}
 UPSTREAM_MODULES = {
@@ -104,6 +108,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
     if len(size) != len(stride) or any(s < 0 for s in size + stride) or int(storage_offset) < 0:
         raise UserError("malformed tensor shape in checkpoint")
+    if math.prod(size) > storage.numel():  # zero strides or overlapping views: copies would allocate the shape
+        raise UserError(f"a tensor of shape {size[:8]} is larger than its storage: refused")
     last = int(storage_offset) + sum((n - 1) * s for n, s in zip(size, stride, strict=True) if n > 0)
     if all(n > 0 for n in size) and last >= storage.numel():
         raise UserError("tensor reaches past its storage (truncated or corrupt checkpoint)")
@@ -163,7 +169,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only whitelisted names and reads storages from a torch zip archive."""
 
     def __init__(self, file, archive: zipfile.ZipFile | None = None, prefix: str = ""):
-        super().__init__(file)
+        super().__init__(file)  # the archive's entry sizes were checked by check_checkpoint_file
         self.archive, self.prefix = archive, prefix
         self.storages: dict[str, torch.Tensor] = {}
 
@@ -203,8 +209,9 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def restricted_load(path: Path) -> Any:
     """Unpickle a torch zip archive (or a bare pickle) through the whitelist; UserError names the file."""
+    is_archive = check_checkpoint_file(path)  # its messages name the file
     try:
-        if zipfile.is_zipfile(path):
+        if is_archive:
             with zipfile.ZipFile(path) as archive:
                 pkl = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
                 if not pkl:
@@ -217,25 +224,35 @@ def restricted_load(path: Path) -> Any:
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, RuntimeError, OSError, MemoryError, OverflowError, UnicodeDecodeError) as e:
+            IndexError, KeyError, RuntimeError, OSError, MemoryError, OverflowError, UnicodeDecodeError,
+            RecursionError) as e:
         raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                        f"{type(e).__name__}: {str(e)[:120]}") from None
+                        f"{type(e).__name__}: {one_line(e, 120)}") from None
 
 
-def state_dict_of(record: Record, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers of a pickled nn.Module record, named as module.state_dict()."""
+def state_dict_of(record: Record, prefix: str = "", _path: tuple[int, ...] = (),
+                  _out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of a pickled nn.Module record, named as module.state_dict().
+
+    A pickle can make a module its own child (a cycle) or share one child many times over (names
+    multiply): both are refused, by nesting depth and by the number of tensors named."""
+    out: dict[str, torch.Tensor] = {} if _out is None else _out
+    if id(record) in _path or len(_path) > MAX_DATA_DEPTH:
+        raise UserError("the model's modules contain themselves or nest too deep: refused")
+    _path = (*_path, id(record))
     attrs = record.attrs
-    out: dict[str, torch.Tensor] = {}
     non_persistent = attrs.get("_non_persistent_buffers_set") or set()
     for kind in ("_parameters", "_buffers"):
         for name, tensor in (attrs.get(kind) or {}).items():
             if tensor is not None and not (kind == "_buffers" and name in non_persistent):
                 if not isinstance(tensor, torch.Tensor):
                     raise UserError(f"{prefix}{name} is not a tensor")
-                out[prefix + name] = tensor
+                out[prefix + str(name)] = tensor
+                if len(out) > MAX_CHECKPOINT_ENTRIES:
+                    raise UserError(f"the model names more than {MAX_CHECKPOINT_ENTRIES} tensors: refused")
     for name, child in (attrs.get("_modules") or {}).items():
         if isinstance(child, Record):
-            out.update(state_dict_of(child, f"{prefix}{name}."))
+            state_dict_of(child, f"{prefix}{name}.", _path, out)
     return out
 
 
@@ -263,9 +280,8 @@ LEGACY_KEYS = ("anchor_grid",)  # buffers of YOLOv5 <= v5.0 that the current Det
 
 
 def import_upstream(path: Path) -> dict:
-    """An upstream YOLOv5 checkpoint as this project's checkpoint dict (tensors as stored, e.g. fp16)."""
-    from yolo.model.checkpoint import FORMAT
-
+    """An upstream YOLOv5 checkpoint as this project's checkpoint fields (cfg, names, model, source;
+    tensors as stored, e.g. fp16). The caller adds the format."""
     ckpt = restricted_load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), Record):
         raise UserError(f"{path}: not a YOLOv5 checkpoint (no pickled model under 'model')")
@@ -277,11 +293,17 @@ def import_upstream(path: Path) -> dict:
     cfg = attrs.get("yaml")
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: the model carries no cfg (`yaml` attribute); cannot rebuild it")
-    cfg = _plain(cfg)
-    state = {k: v for k, v in state_dict_of(model).items() if k.rsplit(".", 1)[-1] not in LEGACY_KEYS}
-    nc = int(cfg.get("nc", 0) or 0)
+    try:
+        check_data_tree(cfg, "the model's cfg")  # before copying it: no cycles, no shared-reference bombs
+        check_data_tree(attrs.get("names"), "the model's names")
+        cfg = _plain(cfg)
+        nc = cfg.get("nc", 0) or 0
+        if not isinstance(nc, int) or isinstance(nc, bool) or not 0 <= nc <= MAX_CLASSES:
+            raise UserError(f"the model's cfg asks for nc={short_repr(nc)}, expected an integer in 0..{MAX_CLASSES}")
+        state = {k: v for k, v in state_dict_of(model).items() if k.rsplit(".", 1)[-1] not in LEGACY_KEYS}
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     out = {
-        "format": FORMAT,
         "cfg": cfg,
         "names": names_list(attrs.get("names"), nc),
         "model": state,

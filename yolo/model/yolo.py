@@ -5,13 +5,24 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from yolo.errors import UserError, did_you_mean
+from yolo.errors import UserError, did_you_mean, one_line
+from yolo.limits import (
+    MAX_ANCHORS_PER_LEVEL,
+    MAX_CFG_LAYERS,
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    MAX_FEATURE_ELEMENTS,
+    MAX_LAYER_REPEATS,
+    MAX_PARAMETERS,
+)
 from yolo.model.layers import C3, SPP, SPPF, Bottleneck, Concat, Conv, Focus
+from yolo.untrusted import check_data_tree, short_repr
 
 STRIDE_PROBE_SIZE = 256  # upstream's dummy input size for measuring the strides
 
@@ -180,42 +191,55 @@ def parse_model(cfg: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
             raise UserError(f"model cfg has no `{key}`")
     nc, gd, gw = cfg["nc"], cfg["depth_multiple"], cfg["width_multiple"]
     if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
-        raise UserError(f"model cfg: nc must be a positive integer, got {nc!r}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (gd, gw)):
-        raise UserError(f"model cfg: depth_multiple/width_multiple must be positive numbers, got {gd!r}, {gw!r}")
+        raise UserError(f"model cfg: nc must be a positive integer, got {short_repr(nc)}")
+    if nc > MAX_CLASSES:
+        raise UserError(f"model cfg: nc is {nc}, more than the {MAX_CLASSES} classes a model may have")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in (gd, gw)):
+        raise UserError(f"model cfg: depth_multiple/width_multiple must be positive finite numbers, got "
+                        f"{short_repr(gd)}, {short_repr(gw)}")
     act = cfg.get("activation")
     if act not in (None, "nn.SiLU()"):
-        raise UserError(f"model cfg: activation {act!r} is not supported (only nn.SiLU())")
+        raise UserError(f"model cfg: activation {short_repr(act)} is not supported (only nn.SiLU())")
     anchors = cfg["anchors"]
     na = anchors if isinstance(anchors, int) else len(anchors[0]) // 2 if _is_anchor_rows(anchors) else None
-    if not na:
-        raise UserError(f"model cfg: anchors must be rows of [w, h, ...] pixels per level or a count, got {anchors!r}")
+    if not na or isinstance(na, bool) or not 0 < na <= MAX_ANCHORS_PER_LEVEL:
+        raise UserError(f"model cfg: anchors must be rows of [w, h, ...] pixels per level or a count of at most "
+                        f"{MAX_ANCHORS_PER_LEVEL}, got {short_repr(anchors)}")
     no = na * (nc + 5)
     layer_rows = cfg["backbone"] + cfg["head"] if isinstance(cfg["backbone"], list) and isinstance(
         cfg["head"], list) else None
     if not layer_rows:
         raise UserError("model cfg: backbone and head must be lists of [from, number, module, args]")
+    if len(layer_rows) > MAX_CFG_LAYERS:
+        raise UserError(f"model cfg: {len(layer_rows)} layers, more than the {MAX_CFG_LAYERS} a model may have")
 
+    if not isinstance(ch, int) or isinstance(ch, bool) or not 0 < ch <= MAX_CHANNELS:
+        raise UserError(f"model cfg: ch (input channels) must be an integer in 1..{MAX_CHANNELS}, got {short_repr(ch)}")
     layers, save, channels = [], [], [ch]
+    budget = _ProbeBudget(sides=[STRIDE_PROBE_SIZE])
     for i, row in enumerate(layer_rows):
         where = _where(cfg, i)
         if not (isinstance(row, list) and len(row) == 4):
-            raise UserError(f"model cfg {where}: expected [from, number, module, args], got {row!r}")
+            raise UserError(f"model cfg {where}: expected [from, number, module, args], got {short_repr(row)}")
         frm, n, name, args = row
         if name not in LAYERS:
-            raise UserError(f"model cfg {where}: unknown module {name!r}{did_you_mean(str(name), LAYERS)}; "
+            raise UserError(f"model cfg {where}: unknown module {short_repr(name)}"
+                            f"{did_you_mean(str(name)[:80], LAYERS)}; "
                             f"known: {', '.join(LAYERS)}")
         module_cls = LAYERS[name]
         froms = [frm] if isinstance(frm, int) else frm
         if not (isinstance(froms, list) and froms and all(isinstance(f, int) and -i <= f < i or f == -1
                                                           for f in froms)):
-            raise UserError(f"model cfg {where}: `from` must name earlier layers, got {frm!r}")
+            raise UserError(f"model cfg {where}: `from` must name earlier layers, got {short_repr(frm)}")
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise UserError(f"model cfg {where}: `number` must be a positive integer, got {n!r}")
+            raise UserError(f"model cfg {where}: `number` must be a positive integer, got {short_repr(n)}")
         if not isinstance(args, list):
-            raise UserError(f"model cfg {where}: args must be a list, got {args!r}")
+            raise UserError(f"model cfg {where}: args must be a list, got {short_repr(args)}")
         args = [_resolve_arg(a, cfg) for a in args]
-        n = max(round(n * gd), 1) if n > 1 else n
+        n = max(round(min(n, MAX_LAYER_REPEATS + 1) * gd), 1) if n > 1 else n
+        if n > MAX_LAYER_REPEATS:
+            raise UserError(f"model cfg {where}: repeats {name} more than {MAX_LAYER_REPEATS} times "
+                            "(after depth_multiple)")
         chans = [channels[f + 1] if f >= 0 else channels[f] for f in froms]  # channels[0] is the input
         try:
             if module_cls in CHANNEL_LAYERS:
@@ -231,20 +255,30 @@ def parse_model(cfg: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
             elif module_cls is Detect:
                 if len(args) < 2:
                     raise UserError(f"model cfg {where}: Detect needs [nc, anchors]")
-                if isinstance(args[1], int):
+                if isinstance(args[1], int) and 0 < args[1] <= MAX_ANCHORS_PER_LEVEL:
                     args[1] = _placeholder_anchors(args[1], len(froms))
                 if not _is_anchor_rows(args[1]) or len(args[1]) != len(froms):
                     raise UserError(f"model cfg {where}: Detect needs one anchor row per input level "
-                                    f"({len(froms)}), got {args[1]!r}")
+                                    f"({len(froms)}), got {short_repr(args[1])}")
                 args = [args[0], args[1], chans]
                 c2 = no
             else:
                 c2 = chans[0]
-            module = nn.Sequential(*(module_cls(*args) for _ in range(n))) if n > 1 else module_cls(*args)
+            if module_cls is not Detect and not (isinstance(c2, int) and 0 < c2 <= MAX_CHANNELS):
+                raise UserError(f"model cfg {where}: {name} would have {short_repr(c2)} output channels, "
+                                f"expected 1..{MAX_CHANNELS}")
+            def build(module_cls=module_cls, args=args, n=n) -> nn.Module:
+                return nn.Sequential(*(module_cls(*args) for _ in range(n))) if n > 1 else module_cls(*args)
+
+            with torch.device("meta"):  # shapes only, nothing allocated: the budget is checked first
+                shape_only = build()
+            budget.check(where, shape_only, froms, chans, c2)
+            module = build()
         except UserError:
             raise
-        except (TypeError, ValueError, IndexError, RuntimeError) as e:
-            raise UserError(f"model cfg {where}: cannot build {name} with args {args!r}: {e}") from None
+        except (TypeError, ValueError, IndexError, RuntimeError, OverflowError) as e:
+            raise UserError(f"model cfg {where}: cannot build {name} with args {short_repr(args)}: "
+                            f"{one_line(e)}") from None
         module.i, module.f, module.type = i, frm, name  # upstream's bookkeeping, used by forward
         save.extend(f % i for f in froms if f != -1)
         layers.append(module)
@@ -252,6 +286,59 @@ def parse_model(cfg: dict, ch: int) -> tuple[nn.Sequential, list[int]]:
     if not isinstance(layers[-1], Detect):
         raise UserError("model cfg: the last head layer must be Detect")
     return nn.Sequential(*layers), sorted(set(save))
+
+
+@dataclass
+class _ProbeBudget:
+    """What the model built so far costs: parameters, and the side of each output on the stride probe
+    (a STRIDE_PROBE_SIZE square), so each layer is refused before it is allocated or run."""
+
+    sides: list[int]
+    params: int = 0
+
+    def check(self, where: str, shape_only: nn.Module, froms: list[int], chans: list[int], c2: int) -> None:
+        self.params += sum(p.numel() for p in shape_only.parameters())
+        if self.params > MAX_PARAMETERS:
+            raise UserError(f"model cfg {where}: the model would have more than {MAX_PARAMETERS} parameters")
+        convs = [m for m in shape_only.modules() if isinstance(m, nn.Conv2d)]
+        if not isinstance(shape_only, Detect) and any(
+                max(c.in_channels, c.out_channels) > MAX_CHANNELS for c in convs):
+            raise UserError(f"model cfg {where}: a convolution wider than {MAX_CHANNELS} channels")
+        side_in = max(self.sides[f + 1] if f >= 0 else self.sides[f] for f in froms)
+        side_out = _probe_side(shape_only, side_in)
+        widest = max([c2, *chans, *(c.out_channels for c in convs)])
+        if widest * max(side_in, side_out) ** 2 > MAX_FEATURE_ELEMENTS:
+            raise UserError(f"model cfg {where}: would make a feature map of {widest} x {max(side_in, side_out)}^2 "
+                            f"values on the {STRIDE_PROBE_SIZE} px stride probe, more than {MAX_FEATURE_ELEMENTS}")
+        self.sides.append(side_out)
+
+
+def _conv_side(conv: nn.Conv2d, side: int) -> int:
+    if isinstance(conv.padding, str):  # 'same' keeps the size (stride 1 only); 'valid' pads nothing
+        padding = (None, None) if conv.padding == "same" else (0, 0)
+    else:
+        padding = conv.padding
+    return max(side if p is None else (side + 2 * p - d * (k - 1) - 1) // s + 1
+               for k, s, p, d in zip(conv.kernel_size, conv.stride, padding, conv.dilation, strict=True))
+
+
+def _probe_side(m: nn.Module, side: int) -> int:
+    """The side of a layer's output for a square input of `side` px: only Conv/Focus (their conv's
+    kernel, stride, padding) and Upsample change it; the other layers' insides all run at stride 1."""
+    if isinstance(m, nn.Sequential):
+        for child in m:
+            side = _probe_side(child, side)
+        return side
+    if isinstance(m, Conv):
+        return _conv_side(m.conv, side)
+    if isinstance(m, Focus):  # space-to-depth halves the side, then a Conv
+        return _conv_side(m.conv.conv, (side + 1) // 2)
+    if isinstance(m, nn.Upsample):
+        if m.size is not None:
+            return max(m.size) if isinstance(m.size, (tuple, list)) else int(m.size)
+        factor = max(m.scale_factor) if isinstance(m.scale_factor, (tuple, list)) else m.scale_factor
+        return math.floor(side * float(factor))
+    return side
 
 
 def _is_anchor_rows(anchors: Any) -> bool:
@@ -266,6 +353,7 @@ def _where(cfg: dict, i: int) -> str:
     return f"backbone layer {i}" if i < nb else f"head layer {i - nb} (model.{i})"
 
 
+
 class DetectionModel(nn.Module):
     """YOLOv5 detection model built from a cfg dict; `nc`/`anchors` override the cfg's."""
 
@@ -273,6 +361,7 @@ class DetectionModel(nn.Module):
         super().__init__()
         if not isinstance(cfg, dict):
             raise UserError(f"model cfg must be a mapping, got {type(cfg).__name__}")
+        check_data_tree(cfg, "model cfg")  # before copying or printing it: no cycles, no huge shared trees
         self.yaml = copy.deepcopy(cfg)
         ch = self.yaml["ch"] = self.yaml.get("ch", ch)
         if nc and nc != self.yaml.get("nc"):
@@ -289,7 +378,7 @@ class DetectionModel(nn.Module):
             with torch.no_grad():
                 maps = self.forward(probe)  # training mode: raw maps, one per level
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise UserError(f"model cfg does not build a runnable network: {str(e).splitlines()[0]}") from None
+            raise UserError(f"model cfg does not build a runnable network: {one_line(e)}") from None
         detect.stride = torch.tensor([STRIDE_PROBE_SIZE / m.shape[-2] for m in maps], device="cpu")
         check_anchor_order(detect)
         detect.anchors /= detect.stride.to(detect.anchors.device).view(-1, 1, 1)

@@ -1,0 +1,211 @@
+"""Reading input that a user, or an attacker with control of one input, hands a step: within budgets.
+
+Three rules, each checked before anything is allocated for the input (the numbers: yolo/limits.py):
+- files: only regular files are opened (a FIFO, a device or a socket never is), and their size is
+  checked before they are read; nothing under a virtual filesystem (/proc, /sys, /dev) is read;
+- yaml: safe tags only, nesting and the node count after alias expansion bounded, recursive aliases
+  refused, all before a single Python object is built ("billion laughs" fails in microseconds);
+- plain data from a checkpoint (a cfg, names): no cycles, bounded nesting and expanded size.
+A refusal is an `InputRefused` (a UserError: one line, exit 2) that carries a stable `code`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import yaml
+
+from yolo.errors import UserError, one_line
+from yolo.limits import MAX_DATA_DEPTH, MAX_YAML_BYTES, MAX_YAML_NODES, VIRTUAL_FILESYSTEMS
+
+NOT_A_REGULAR_FILE = "not_a_regular_file"
+TOO_LARGE = "too_large"
+OUTSIDE_ROOT = "outside_root"
+VIRTUAL_FILESYSTEM = "virtual_filesystem"
+TOO_COMPLEX = "too_complex"
+
+
+class InputRefused(UserError):
+    """An input over a budget or of a kind never read; `code` says which rule refused it, `detail` says
+    why without naming the file (for reports that name it already)."""
+
+    def __init__(self, code: str, message: str, detail: str | None = None):
+        super().__init__(message)
+        self.code, self.detail = code, detail or message
+
+
+# ---------------------------------------------------------------------------------------------- files
+def file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def in_virtual_filesystem(real_path: str | os.PathLike) -> bool:
+    p = os.fspath(real_path)
+    return any(p == v or p.startswith(v + os.sep) for v in VIRTUAL_FILESYSTEMS)
+
+
+def is_inside(real_path: str, real_root: str) -> bool:
+    """Whether a resolved path lies in (or is) a resolved folder."""
+    return real_path == real_root or real_path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def check_regular(st: os.stat_result, path: str | os.PathLike, max_bytes: int, what: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        detail = f"is a {file_kind(st.st_mode)}, not a regular file: not read"
+        raise InputRefused(NOT_A_REGULAR_FILE, f"{what} {path} {detail}", detail)
+    if st.st_size > max_bytes:
+        detail = f"has {st.st_size} bytes, more than the {max_bytes} a {what} may have: not read"
+        raise InputRefused(TOO_LARGE, f"{what} {path} {detail}", detail)
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> tuple[bytes, os.stat_result]:
+    """(bytes, stat) of a regular file of at most max_bytes; InputRefused otherwise, OSError as os raises it.
+
+    The kind is checked with stat before the file is opened (opening a tape device or a FIFO has
+    effects of its own), and again on the open file with O_NONBLOCK, so a file swapped for a FIFO in
+    between cannot make the read hang."""
+    real = os.path.realpath(path)
+    if in_virtual_filesystem(real):
+        detail = f"lies in a virtual filesystem ({', '.join(VIRTUAL_FILESYSTEMS)}): not read"
+        raise InputRefused(VIRTUAL_FILESYSTEM, f"{what} {path} {detail}", detail)
+    check_regular(os.stat(path), path, max_bytes, what)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        check_regular(st, path, max_bytes, what)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # it grew while being read
+        detail = f"has more than the {max_bytes} bytes a {what} may have: not read"
+        raise InputRefused(TOO_LARGE, f"{what} {path} {detail}", detail)
+    return data, st
+
+
+# ---------------------------------------------------------------------------------------------- data trees
+def short_repr(obj: Any, limit: int = 80) -> str:
+    """repr for a one-line message: user data can be long (run on checked trees only: no cycles)."""
+    text = repr(obj)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _count_tree(root: Any, children: Callable[[Any], Iterable[Any] | None], what: str, max_nodes: int,
+                max_depth: int) -> int:
+    """Nodes of a graph counted as the tree it expands to (a node shared n times counts n times);
+    a cycle, nesting deeper than max_depth or more than max_nodes nodes is refused. Linear in the
+    number of distinct nodes: each shared node is counted once and its count reused."""
+    counted: dict[int, int] = {}
+    open_ids: set[int] = set()
+    keep_alive: list[Any] = []  # ids stay unique only while the objects live
+
+    def count(node: Any, depth: int) -> int:
+        kids = children(node)
+        if kids is None:
+            return 1
+        key = id(node)
+        if key in counted:
+            return counted[key]
+        if key in open_ids:
+            raise InputRefused(TOO_COMPLEX, f"{what} refers to itself (a cycle): refused")
+        if depth > max_depth:
+            raise InputRefused(TOO_COMPLEX, f"{what} is nested more than {max_depth} levels deep: refused")
+        open_ids.add(key)
+        total = 1
+        for kid in kids:
+            total += count(kid, depth + 1)
+            if total > max_nodes:
+                raise InputRefused(TOO_COMPLEX, f"{what} expands to more than {max_nodes} values (shared "
+                                                "references or aliases repeated): refused")
+        open_ids.discard(key)
+        counted[key] = total
+        keep_alive.append(node)
+        return total
+
+    return count(root, 0)
+
+
+def _data_children(obj: Any) -> Iterable[Any] | None:
+    if isinstance(obj, dict):
+        return [v for kv in obj.items() for v in kv]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return obj
+    return None
+
+
+def check_data_tree(obj: Any, what: str, max_nodes: int = MAX_YAML_NODES, max_depth: int = MAX_DATA_DEPTH) -> int:
+    """Refuse plain data (dicts, lists, ...) with cycles, deep nesting or a huge expanded size; returns
+    its expanded size. Run on data from a checkpoint before it is copied, printed or serialised."""
+    return _count_tree(obj, _data_children, what, max_nodes, max_depth)
+
+
+# ---------------------------------------------------------------------------------------------- yaml
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader whose composer refuses nesting deeper than MAX_DATA_DEPTH (its recursion is unbounded)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DATA_DEPTH + 1:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DATA_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _node_children(node: yaml.Node) -> Iterable[yaml.Node] | None:
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    return None
+
+
+class InvalidYaml(UserError):
+    """Not valid yaml (or over a yaml budget); `line` (1-based or None) and `problem` let callers word it."""
+
+    def __init__(self, where: str, line: int | None, problem: str):
+        super().__init__(f"{where}{f', line {line}' if line else ''}: not valid YAML: {problem}")
+        self.line, self.problem = line, problem
+
+
+def parse_yaml(text: bytes | str, where: str) -> tuple[Any, yaml.Node | None]:
+    """(data, root node) of one yaml document, safe tags only and within the budgets; the nodes carry
+    line numbers for messages. InvalidYaml (a UserError naming `where`) on any problem."""
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        try:
+            _count_tree(root, _node_children, "the document", MAX_YAML_NODES, MAX_DATA_DEPTH)
+        except InputRefused as e:
+            raise InvalidYaml(where, None, str(e)) from None
+        return loader.construct_document(root), root
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise InvalidYaml(where, mark.line + 1 if mark is not None else None,
+                          str(getattr(e, "problem", None) or e)) from None
+    except (ValueError, OverflowError, TypeError) as e:  # e.g. an integer of 5000 digits
+        raise InvalidYaml(where, None, f"a value cannot be read: {one_line(e)}") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of a yaml file: a regular file of at most MAX_YAML_BYTES (UserError otherwise)."""
+    try:
+        return read_regular_file(path, MAX_YAML_BYTES, what)[0]
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot read: {e.strerror or e}") from None
