@@ -34,6 +34,7 @@ from yolo.storage import open_storage
 
 LOGGER = logging.getLogger(__name__)
 COPY_IGNORED = (".git", ".dvc", "__pycache__")
+STAGING = ".import-staging"  # dvc get's download folder inside the target, emptied into it
 SHOWN_SKIPPED = 5  # of a long list of skipped paths, name this many in the warning
 
 
@@ -80,11 +81,16 @@ def resolve_version(source: str, rev: str = "") -> str:
 
 
 def _empty_target(path: Path) -> None:
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-    elif path.exists():
-        raise RuntimeError(f"{path}: output artifact location is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Make sure the import target is an empty folder. An existing empty folder is used as it is, never
+    removed and re-created: it may be a mount point (the PyTorchJob's init container imports into an
+    emptyDir), which rmdir cannot remove (EBUSY as root, EACCES as a user who cannot write its parent)."""
+    if path.is_dir():
+        if any(path.iterdir()):
+            raise RuntimeError(f"{path}: output artifact location is not empty")
+        return
+    if path.exists():
+        raise RuntimeError(f"{path}: output artifact location is not a folder")
+    path.mkdir(parents=True)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -166,7 +172,6 @@ def _download_s3(uri: str, target: Path) -> int:
                 "(empty, '.' or '..' segments); refusing to import it"
             )
         check_argument(f"dataset source {redact(uri)}: object key", key)
-    target.mkdir(parents=True)
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda key: storage.get(key, target / key), keys))
     return len(keys)
@@ -199,12 +204,21 @@ def import_data(source: str, version: str, dataset) -> dict[str, Any]:
         commit = version
         metadata.update(commit=commit, path=parsed.path_in_repo)
         # The repository and path come after `--`: never options, whatever they hold (parse_source checked).
-        argv = [_dvc_executable(), "get", "--rev", commit, "-o", str(target), "--"]
+        # `dvc get -o` wants a path that does not exist yet, and the target may be a mount point: fetch
+        # into a folder inside it, then move the dataset's entries up (a rename on the same filesystem).
+        staging = target / STAGING
+        argv = [_dvc_executable(), "get", "--rev", commit, "-o", str(staging / "dataset"), "--"]
         argv += [parsed.location, parsed.path_in_repo]
         result = subprocess.run(argv, capture_output=True, text=True, check=False, env=tool_environment())
         if result.returncode != 0:
             detail = redact(result.stderr.strip()[-2000:])
             raise RuntimeError(f"dvc get failed ({result.returncode}): {detail}")
+        fetched = staging / "dataset"
+        if not fetched.is_dir():
+            raise UserError(f"dataset source {redact(source)}: {parsed.path_in_repo} is not a folder")
+        for entry in fetched.iterdir():
+            entry.rename(target / entry.name)
+        shutil.rmtree(staging)
     yaml_path = data_yaml_of(target)
     if not yaml_path.is_file():
         candidates = sorted(target.glob("*.yaml"))
