@@ -315,6 +315,58 @@ def root_parameters(package: Path) -> dict[str, dict[str, Any]]:
     return spec["root"]["inputDefinitions"]["parameters"]
 
 
+# ------------------------------------------------------------------------------------ backend version
+# What a compiled pipeline needs from the KFP backend, found in its IR: (version, feature, why).
+RETRY_NEEDS = ((2, 5, 0), "the train task's retry policy", "older backends never turn it into an Argo retry")
+OPTIONAL_SECRET_NEEDS = (
+    (2, 15, 0),
+    "the optional S3 secret",
+    "older backends ignore `optional` and leave pods without the secret in CreateContainerConfigError",
+)
+
+
+def backend_requirements(package: Path) -> list[tuple[tuple[int, int, int], str, str]]:
+    """The backend features the compiled pipeline uses, each with the first KFP release that honours it."""
+    with package.open() as f:
+        docs = list(yaml.safe_load_all(f))
+    needs = []
+    tasks = docs[0].get("root", {}).get("dag", {}).get("tasks", {})
+    if any("retryPolicy" in task for task in tasks.values()):
+        needs.append(RETRY_NEEDS)
+    platform = docs[1] if len(docs) > 1 and isinstance(docs[1], dict) else {}
+    executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+    if any(s.get("optional") for e in executors.values() for s in e.get("secretAsEnv", [])):
+        needs.append(OPTIONAL_SECRET_NEEDS)
+    return needs
+
+
+def backend_version(health: dict[str, Any]) -> tuple[int, int, int] | None:
+    """healthz's `tag_name` (e.g. 2.15.0, v2.15.0, 2.15.0-rc.1) as numbers; None for a dev build or none."""
+    match = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", str(health.get("tag_name") or ""))
+    if not match:
+        return None
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
+def check_backend(host: str, health: dict[str, Any], package: Path) -> str | None:
+    """UserError (one line) when the backend is older than the pipeline needs; a warning when unknown."""
+    needs = backend_requirements(package)
+    if not needs:
+        return None
+    version, feature, why = max(needs)
+    wanted = ".".join(map(str, version))
+    have = backend_version(health)
+    if have is None:
+        return (f"warning: {redact(host)} did not say its KFP version (healthz tag_name "
+                f"{health.get('tag_name')!r}); this pipeline needs >= {wanted} for {feature}")
+    if have < version:
+        raise UserError(
+            f"{host}: KFP backend {'.'.join(map(str, have))} is older than {wanted}, which this pipeline "
+            f"needs for {feature} ({why}); upgrade KFP, or compile without it"
+        )
+    return None
+
+
 def _typed(name: str, text: str, kind: str) -> Any:
     try:
         if kind == "NUMBER_INTEGER":
@@ -430,6 +482,9 @@ def submit(request: SubmitRequest, log=print) -> SubmitResult:
     with tempfile.TemporaryDirectory(prefix="yolo-submit-") as tmp:
         package = Path(tmp) / "pipeline.yaml"
         compile_package(package, request.image, request.cluster)
+        warning = check_backend(request.host, health, package)
+        if warning:
+            print(warning, file=sys.stderr)
         values = merge_parameters(root_parameters(package), request)
         note = resolve_dataset_rev(values)
         if note:

@@ -36,6 +36,7 @@ class KfpStandIn:
     """State of the stand-in: experiments, runs, and every request seen."""
 
     multi_user: bool = False
+    version: str = "2.15.0"  # healthz tag_name (the oldest backend the default pipeline runs on)
     run_state: str = "SUCCEEDED"
     reject_runs: tuple[int, str] | None = None  # (HTTP status, message) answered to POST /runs
     requests: list[Recorded] = field(default_factory=list)
@@ -86,7 +87,7 @@ def _handler(state: KfpStandIn):
             rec = self._record()
             if rec.path == f"{API}/healthz":
                 return self._send(
-                    200, {"commit_sha": "stand-in", "tag_name": "2.5.0", "multi_user": state.multi_user}
+                    200, {"commit_sha": "stand-in", "tag_name": state.version, "multi_user": state.multi_user}
                 )
             if rec.path == f"{API}/experiments":
                 wanted = None
