@@ -20,6 +20,7 @@ import yaml
 
 from components.runtime import DATA_YAML, data_yaml_of, run_yolo
 from components.sources import (
+    DATASET_MOUNT,
     SHA_PATTERN,
     check_argument,
     parse_source,
@@ -133,12 +134,29 @@ def copy_dataset_tree(root: Path, target: Path) -> list[str]:
 
 def _copy_local(location: str, target: Path) -> list[str]:
     root, yaml_path = _local_root(location)
-    raw = yaml.safe_load(yaml_path.read_text()) or {}
     skipped = copy_dataset_tree(root, target)
     if skipped:
         shown = ", ".join(skipped[:SHOWN_SKIPPED]) + (" ..." if len(skipped) > SHOWN_SKIPPED else "")
         LOGGER.warning("dataset source %s: skipped %d path(s): %s", location, len(skipped), shown)
-    # The copy's data.yaml points at the copy; split entries must be relative to (or inside) the root.
+    _write_rebased_yaml(root, yaml_path, target, ".")  # the copy's data.yaml points at the copy
+    return skipped
+
+
+def is_mounted(location: str) -> bool:
+    """A local source on the `--dataset-pvc` volume (mounted at DATASET_MOUNT in every data step)."""
+    root, _ = _local_root(location)
+    return _inside(root, Path(DATASET_MOUNT))
+
+
+def _reference_mounted(location: str, target: Path) -> None:
+    """A dataset on the mounted volume: the artifact is its data.yaml, pointing at the mount, no copy."""
+    root, yaml_path = _local_root(location)
+    _write_rebased_yaml(root, yaml_path, target, str(root))
+
+
+def _write_rebased_yaml(root: Path, yaml_path: Path, target: Path, new_path: str) -> None:
+    """target/data.yaml: the source's, with `path: new_path`; split entries relative to (or inside) root."""
+    raw = yaml.safe_load(yaml_path.read_text()) or {}
     for split in ("train", "val", "test"):
         entries = raw.get(split)
         if entries is None:
@@ -156,9 +174,8 @@ def _copy_local(location: str, target: Path) -> list[str]:
                     ) from None
             fixed.append(p.as_posix())
         raw[split] = fixed if isinstance(entries, list) else fixed[0]
-    raw["path"] = "."
+    raw["path"] = new_path
     (target / DATA_YAML).write_text(yaml.safe_dump(raw, sort_keys=False))
-    return skipped
 
 
 def _download_s3(uri: str, target: Path) -> int:
@@ -190,6 +207,9 @@ def import_data(source: str, version: str, dataset) -> dict[str, Any]:
     metadata: dict[str, Any] = {"source": redact(source), "version": version, "data_yaml": DATA_YAML}
     if parsed.kind == "sample":
         run_yolo("sample-data", ["--out", target, *sample_args(parsed.location)])
+    elif parsed.kind == "local" and is_mounted(parsed.location):
+        _reference_mounted(parsed.location, target)
+        metadata["mounted"] = DATASET_MOUNT
     elif parsed.kind == "local":
         skipped = _copy_local(parsed.location, target)
         if skipped:
@@ -225,6 +245,7 @@ def import_data(source: str, version: str, dataset) -> dict[str, Any]:
         if len(candidates) != 1:
             raise UserError(f"dataset source {redact(source)}: expected {DATA_YAML} at the top of the dataset")
         metadata["data_yaml"] = candidates[0].name
-    metadata["files"] = sum(1 for p in target.rglob("*") if p.is_file())
+    if "mounted" not in metadata:  # a mounted dataset's files stay on its volume
+        metadata["files"] = sum(1 for p in target.rglob("*") if p.is_file())
     dataset.metadata.update(metadata)
     return metadata

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from components.params import NAMES, PARAMETERS, check_gpus, check_parameters
-from components.sources import parse_source, redact
-from pipelines.cluster import ClusterOptions, Toleration, parse_toleration
+from components.sources import DATASET_MOUNT, parse_source, redact
+from pipelines.cluster import ClusterOptions, Toleration, parse_toleration, volume_claim_argument
 from yolo.cli import EXIT_USER_ERROR, OneLineParser
 from yolo.errors import UserError
 from yolo.files import write_text
@@ -114,6 +114,13 @@ def build_parser() -> OneLineParser:
         metavar="KEY[=VALUE][:EFFECT]",
         help="train pods only; repeatable",
     )
+    c.add_argument(
+        "--dataset-pvc",
+        type=volume_claim_argument,
+        metavar="NAME[:SUBPATH]",
+        help=f"a PVC mounted at {DATASET_MOUNT} in every data step; a dataset source under it is read in "
+        "place, not copied (mount it ReadOnlyMany)",
+    )
     c.add_argument("--train-retries", type=int, default=3)
     c.add_argument("--train-cpu", default="8", help="CPU request of the train pod")
     c.add_argument("--train-memory", default="32Gi", help="memory request of the train pod")
@@ -175,6 +182,7 @@ def compile_pipeline(args: argparse.Namespace) -> int:
         train_cpu_limit=args.train_cpu_limit,
         train_memory_limit=args.train_memory_limit,
         shm_size=args.shm_size,
+        dataset_pvc=args.dataset_pvc,
     )
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)

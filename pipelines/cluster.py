@@ -7,6 +7,7 @@ is applied.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass, field
 
@@ -50,6 +51,38 @@ def parse_toleration(text: str) -> Toleration:
 
 
 @dataclass(frozen=True)
+class VolumeClaim:
+    """A PersistentVolumeClaim to mount: its name and the folder inside it (subPath, "" = its root)."""
+
+    name: str
+    sub_path: str = ""
+
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def parse_volume_claim(text: str) -> VolumeClaim:
+    """NAME[:SUBPATH] → VolumeClaim; ValueError for a name Kubernetes refuses or a path that climbs out."""
+    name, _, sub_path = text.partition(":")
+    if not _DNS_SUBDOMAIN.match(name):
+        raise ValueError(f"PVC name {name!r}: lowercase letters, digits, '-' and '.' (a DNS-1123 subdomain)")
+    sub_path = sub_path.strip("/")
+    if any(part in ("", ".", "..") for part in sub_path.split("/")) and sub_path:
+        raise ValueError(f"PVC subpath {sub_path!r}: a relative path without '.', '..' or empty parts")
+    if re.search(r"[\x00-\x1f\\]", sub_path):
+        raise ValueError(f"PVC subpath {sub_path!r}: no control characters or backslashes")
+    return VolumeClaim(name=name, sub_path=sub_path)
+
+
+def volume_claim_argument(text: str) -> VolumeClaim:
+    """parse_volume_claim as an argparse type (compile, submit's compile child, pytorchjob)."""
+    try:
+        return parse_volume_claim(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@dataclass(frozen=True)
 class Resources:
     """Requests and limits of one kind of task. Every task has both: a namespace whose ResourceQuota
     counts requests or limits refuses pods that leave either out."""
@@ -89,6 +122,8 @@ class ClusterOptions:
     train_retries: int = 3  # pod retries; each resumes from checkpoint_root/<run identity>
     node_selector: dict[str, str] = field(default_factory=dict)  # train pods only
     tolerations: tuple[Toleration, ...] = ()  # train pods only
+    # A PVC holding datasets, mounted at components.sources.DATASET_MOUNT in every task that reads data
+    dataset_pvc: VolumeClaim | None = None
 
     def __post_init__(self) -> None:
         check_gpus(self.gpus)

@@ -28,7 +28,8 @@ import yaml
 
 from components import pipeline_image
 from components.params import check_gpus, reserved_flags_given
-from components.sources import parse_source, resolve_git_rev
+from components.sources import DATASET_MOUNT, parse_source, resolve_git_rev
+from pipelines.cluster import VolumeClaim, volume_claim_argument
 from yolo.errors import UserError
 from yolo.files import write_text
 
@@ -76,6 +77,7 @@ class JobOptions:
     backoff_limit: int = 3
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
+    dataset_pvc: VolumeClaim | None = None  # mounted read-only at DATASET_MOUNT in every container
 
     @property
     def procs_per_node(self) -> int:
@@ -184,6 +186,14 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": o.shm_size}}
     ]
     spec: dict[str, Any] = {}
+    dataset_mounts: list[dict[str, Any]] = []
+    if o.dataset_pvc is not None:
+        claim = {"claimName": o.dataset_pvc.name, "readOnly": True}
+        volumes.append({"name": "dataset", "persistentVolumeClaim": claim})
+        dataset_mounts.append({"name": "dataset", "mountPath": DATASET_MOUNT, "readOnly": True})
+        if o.dataset_pvc.sub_path:
+            dataset_mounts[0]["subPath"] = o.dataset_pvc.sub_path
+        mounts += dataset_mounts
     if o.dataset_source:
         mounts.append({"name": "data", "mountPath": DATA_DIR})
         volumes.append({"name": "data", "emptyDir": {}})
@@ -193,7 +203,7 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
                 "image": o.image,
                 "command": ["python", "-c", IMPORT_SNIPPET, o.dataset_source, o.dataset_version, DATA_DIR],
                 "env": _env(o),
-                "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
+                "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}, *dataset_mounts],
             }
         ]
     spec["containers"] = [
@@ -304,6 +314,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--toleration", type=_toleration, action="append", default=[], metavar="KEY[=VALUE][:EFFECT]"
     )
+    p.add_argument(
+        "--dataset-pvc",
+        type=volume_claim_argument,
+        metavar="NAME[:SUBPATH]",
+        help=f"a PVC with datasets, mounted read-only at {DATASET_MOUNT} in every pod",
+    )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `yolo train` arguments")
     p.set_defaults(handler=run)
 
@@ -341,6 +357,7 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         backoff_limit=args.backoff_limit,
         node_selector=dict(args.node_selector),
         tolerations=list(args.toleration),
+        dataset_pvc=args.dataset_pvc,
     )
 
 

@@ -60,6 +60,7 @@ CLUSTER_KEYS = (
     "train_cpu_limit",
     "train_memory_limit",
     "shm_size",
+    "dataset_pvc",
 )
 DEFAULT_GPUS = 1  # `compile`'s default
 PARAMS_FILE_KEYS = ("experiment", "namespace", "cluster", "parameters")
@@ -584,6 +585,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-cpu-limit")
     g.add_argument("--train-memory-limit")
     g.add_argument("--shm-size")
+    g.add_argument("--dataset-pvc", metavar="NAME[:SUBPATH]", help="PVC with datasets (see compile --help)")
     r = p.add_argument_group("pipeline parameters")
     for parameter in PARAMETERS:
         r.add_argument(
@@ -622,6 +624,7 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         "train_cpu_limit": args.train_cpu_limit,
         "train_memory_limit": args.train_memory_limit,
         "shm_size": args.shm_size,
+        "dataset_pvc": args.dataset_pvc,
     }
     cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
     parameters = dict(params_file.parameters)

@@ -15,6 +15,7 @@ from components.evaluate import evaluate
 from components.import_data import import_data, resolve_dataset_version
 from components.params import NAMES
 from components.promote import promote
+from components.sources import DATASET_MOUNT
 from components.stats import stats
 from components.train import train
 from components.validate import validate
@@ -57,6 +58,18 @@ def _resources(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask
 
 def _step_resources(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
     return _resources(task, options.step)
+
+
+def _with_dataset_volume(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
+    """Mount the --dataset-pvc volume where a dataset source under DATASET_MOUNT is read in place.
+
+    Read-only by use, not by the mount: KFP's PlatformSpec (kfp-kubernetes up to 2.17) has no readOnly for
+    a pvcMount. No step writes there (import_data references a mounted dataset instead of copying it);
+    give the claim the ReadOnlyMany access mode to have Kubernetes enforce it (docs/kubeflow.md)."""
+    claim = options.dataset_pvc
+    if claim is not None:
+        kubernetes.mount_pvc(task, pvc_name=claim.name, mount_path=DATASET_MOUNT, sub_path=claim.sub_path)
+    return task
 
 
 def _configure_train(task: dsl.PipelineTask, options: ClusterOptions) -> None:
@@ -116,15 +129,16 @@ def build_pipeline(options: ClusterOptions | None = None):
             **{name: given[name] for name in NAMES if name not in ("dataset_source", "dataset_rev")},
         )
         resolve.set_display_name("resolve dataset version").set_caching_options(False)
-        _with_s3(_resources(resolve, options.light_step), options)
+        _with_dataset_volume(_with_s3(_resources(resolve, options.light_step), options), options)
 
         # Keyed by the resolved version only (not the rev name): re-runs on unchanged data are cache hits.
         data = import_data(source=dataset_source, version=resolve.output)
         data.set_display_name("import data").set_caching_options(True)
-        _with_s3(_step_resources(data, options), options)
+        _with_dataset_volume(_with_s3(_step_resources(data, options), options), options)
 
         check = validate(dataset=data.outputs["dataset"], max_bad_fraction=max_bad_fraction, workers=0)
         _step_resources(check.set_display_name("validate").set_caching_options(True), options)
+        _with_dataset_volume(check, options)
 
         label_stats = stats(
             dataset=data.outputs["dataset"],
@@ -134,6 +148,7 @@ def build_pipeline(options: ClusterOptions | None = None):
             imgsz=imgsz,
         )
         _step_resources(label_stats.set_display_name("stats").set_caching_options(True), options)
+        _with_dataset_volume(label_stats, options)
 
         fit = train(
             dataset=data.outputs["dataset"],
@@ -152,6 +167,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         )
         fit.set_display_name("train")
         _configure_train(fit, options)
+        _with_dataset_volume(fit, options)
 
         score = evaluate(
             dataset=data.outputs["dataset"],
@@ -165,7 +181,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         )
         # Not cached: the baseline it compares against (current.json) changes between runs.
         score.set_display_name("evaluate").set_caching_options(False)
-        _with_s3(_step_resources(score, options), options)
+        _with_dataset_volume(_with_s3(_step_resources(score, options), options), options)
         if options.gpus > 0:
             score.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
 

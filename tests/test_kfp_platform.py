@@ -6,12 +6,18 @@ Against the loopback KFP stand-in (tests/submit_server.py) where a server is nee
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from importlib.metadata import version
+from types import SimpleNamespace
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from components import datasets
+from components.sources import DATASET_MOUNT
 from pipelines.__main__ import main
 from tests import submit_server
 from tests.conftest import REPO
@@ -86,3 +92,76 @@ def test_submit_warns_when_the_backend_does_not_say_its_version(capsys):
         assert len(state.created_runs()) == 1
     finally:
         state.stop()
+
+
+# ------------------------------------------------------------------------- fix 7: a dataset on a PVC
+def _compile(tmp_path, *args: str) -> tuple[dict, dict]:
+    """`python -m pipelines compile ARGS` in a fresh interpreter (as submit does): (PipelineSpec, executors)."""
+    out = tmp_path / "pipeline.yaml"
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "compile", "--out", str(out), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    pipeline, platform = yaml.safe_load_all(out.read_text())
+    return pipeline, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+DATA_STEPS = ("exec-resolve-dataset-version", "exec-import-data", "exec-validate", "exec-stats", "exec-train",
+              "exec-evaluate")  # fmt: skip
+
+
+def test_dataset_pvc_is_mounted_in_every_step_that_reads_data(tmp_path):
+    _, executors = _compile(tmp_path, "--dataset-pvc", "datasets:coco/2024")
+    for name in DATA_STEPS:
+        (mount,) = executors[name]["pvcMount"]
+        assert mount["mountPath"] == DATASET_MOUNT and mount["subPath"] == "coco/2024", name
+        assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "datasets", name
+    assert "pvcMount" not in executors.get("exec-promote", {})
+
+
+@pytest.mark.parametrize("bad", ["Data_Set", "data:../etc", "data:/a/../b", "-x", ""])
+def test_dataset_pvc_refuses_bad_names_in_one_line(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compile", "--out", str(tmp_path / "p.yaml"), "--dataset-pvc", bad])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dataset-pvc" in err[0]
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_mounted_dataset_is_referenced_not_copied(tmp_path, monkeypatch):
+    """import_data of a source on the volume writes only a data.yaml pointing at it: no copy through the
+    pipeline root, and the mounted folder is not touched."""
+    mount = tmp_path / "mnt"
+    root = mount / "coco"
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        (root / "images" / split / "a.png").write_bytes(b"png")
+        (root / "labels" / split / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [thing]\n")
+    before = sorted((p.relative_to(mount), p.stat().st_mtime_ns) for p in mount.rglob("*"))
+    monkeypatch.setattr(datasets, "DATASET_MOUNT", str(mount))
+    artifact = SimpleNamespace(path=str(tmp_path / "artifact"), metadata={})
+    meta = datasets.import_data(str(root), "local-1", artifact)
+    assert meta["mounted"] == str(mount)
+    assert sorted(p.name for p in (tmp_path / "artifact").rglob("*")) == ["data.yaml"]
+    data = yaml.safe_load((tmp_path / "artifact" / "data.yaml").read_text())
+    assert data["path"] == str(root) and data["train"] == "images/train"
+    assert sorted((p.relative_to(mount), p.stat().st_mtime_ns) for p in mount.rglob("*")) == before
+    # outside the mount, a local source is still copied
+    copied = SimpleNamespace(path=str(tmp_path / "copy"), metadata={})
+    monkeypatch.setattr(datasets, "DATASET_MOUNT", str(tmp_path / "elsewhere"))
+    assert "mounted" not in datasets.import_data(str(root), "local-1", copied)
+    assert (tmp_path / "copy" / "labels" / "val" / "a.txt").is_file()
+
+
+def test_pytorchjob_mounts_the_dataset_pvc_read_only(tmp_path):
+    out = tmp_path / "job.yaml"
+    assert main(["pytorchjob", "--nodes", "2", "--gpus", "1", "--checkpoint-uri", "s3://b/c", "--out", str(out),
+                 "--dataset-pvc", "datasets:coco", "--", "--data", f"{DATASET_MOUNT}/data.yaml"]) == 0  # fmt: skip
+    job = yaml.safe_load(out.read_text())
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}} in pod["volumes"]
+        mount = {"name": "dataset", "mountPath": DATASET_MOUNT, "readOnly": True, "subPath": "coco"}
+        assert mount in pod["containers"][0]["volumeMounts"]
