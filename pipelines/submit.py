@@ -125,6 +125,26 @@ def load_params_file(path: str | os.PathLike) -> ParamsFile:
     )
 
 
+PLACEHOLDER = re.compile(r"<[A-Za-z][A-Za-z0-9 _.-]*>")  # `<BUCKET>`: a template value left unfilled
+
+
+def check_filled(params_file: ParamsFile, values: dict[str, Any]) -> None:
+    """UserError (one line) when a value still holds a template placeholder such as `<BUCKET>`.
+
+    pipelines/production.yaml ships as a template: a run submitted with `s3://<BUCKET>/...` would get as
+    far as the train step before failing; this stops it before anything is compiled or sent."""
+    for key, value in values.items():
+        texts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for text in texts:
+            found = PLACEHOLDER.search(str(text)) if isinstance(text, str) else None
+            if found:
+                where = f"{params_file.path}: " if params_file.path else ""
+                raise UserError(
+                    f"{where}`{key.replace('_', '-')}` still holds the template placeholder {found[0]}: "
+                    "fill in every <...> of the params file (or give the flag)"
+                )
+
+
 @dataclass
 class SubmitRequest:
     """Everything one submission needs; `submit()` does the work."""
@@ -629,12 +649,14 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
     cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
     parameters = dict(params_file.parameters)
     parameters.update({n: getattr(args, n) for n, _ in PIPELINE_FLAGS if getattr(args, n) is not None})
+    namespace = args.namespace or params_file.namespace
+    check_filled(params_file, {"namespace": namespace, **cluster, **parameters})
     return SubmitRequest(
         host=args.host,
         token=args.token,
         image=args.image,
         experiment=args.experiment or params_file.experiment,
-        namespace=args.namespace or params_file.namespace,
+        namespace=namespace,
         run_name=args.run_name,
         cluster=cluster,
         parameters=parameters,

@@ -165,3 +165,43 @@ def test_pytorchjob_mounts_the_dataset_pvc_read_only(tmp_path):
         assert {"name": "dataset", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}} in pod["volumes"]
         mount = {"name": "dataset", "mountPath": DATASET_MOUNT, "readOnly": True, "subPath": "coco"}
         assert mount in pod["containers"][0]["volumeMounts"]
+
+
+# ------------------------------------------------------------- fix 8: production.yaml is a template
+def test_the_production_template_fails_fast_naming_the_placeholder(capsys):
+    """pipelines/production.yaml named a DVC dataset and buckets that do not exist; it is now a marked
+    template, and submitting it unfilled is one line before anything reaches the server."""
+    state = submit_server.start()
+    try:
+        code = main(["submit", "--host", state.url, "--image", IMAGE,
+                     "--params-file", str(REPO / "pipelines" / "production.yaml")])  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert "production.yaml: `dataset-source` still holds the template placeholder <REPO-URL>" in err[0]
+        assert state.requests == []  # refused before healthz
+    finally:
+        state.stop()
+
+
+def test_the_production_template_filled_in_is_accepted(tmp_path):
+    from pipelines import submit as sub
+
+    text = (REPO / "pipelines" / "production.yaml").read_text()
+    assert "TEMPLATE" in text and "<BUCKET>" in text
+    filled = tmp_path / "production.yaml"
+    filled.write_text(text.replace("dvc://<REPO-URL>#data/<DATASET>", "sample:")
+                      .replace("<BUCKET>", "team-bucket").replace("<DATASET>", "coco"))  # fmt: skip
+    args = sub.argparse.Namespace(**{**_submit_defaults(), "params_file": filled})
+    request = sub.request_from_args(args)
+    assert request.parameters["checkpoint_root"] == "s3://team-bucket/checkpoints"
+    # a flag replaces a placeholder left in the file
+    partly = tmp_path / "partly.yaml"
+    partly.write_text(text.replace("<BUCKET>", "b").replace("<DATASET>", "coco"))
+    args = sub.argparse.Namespace(**{**_submit_defaults(), "params_file": partly, "dataset_source": "sample:"})
+    assert sub.request_from_args(args).parameters["dataset_source"] == "sample:"
+
+
+def _submit_defaults() -> dict:
+    from pipelines.__main__ import build_parser
+
+    return vars(build_parser().parse_args(["submit", "--host", "http://localhost:1"]))
