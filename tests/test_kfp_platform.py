@@ -6,8 +6,10 @@ Against the loopback KFP stand-in (tests/submit_server.py) where a server is nee
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from types import SimpleNamespace
 
@@ -16,11 +18,14 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from components import datasets
+from components import datasets, runtime
 from components.sources import DATASET_MOUNT
 from pipelines.__main__ import main
 from tests import submit_server
 from tests.conftest import REPO
+from yolo.engine.lease import PIPELINE_RUN_ENV, Holder, Lease
+from yolo.errors import UserError
+from yolo.storage import open_storage
 
 kfp = pytest.importorskip("kfp")
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -205,3 +210,55 @@ def _submit_defaults() -> dict:
     from pipelines.__main__ import build_parser
 
     return vars(build_parser().parse_args(["submit", "--host", "http://localhost:1"]))
+
+
+# ---------------------------------------------- fix 9: concurrent runs vs a retry of the same run
+IDENTITY = "0123456789abcdef"  # the same data and parameters: the same checkpoint folder {run_id}
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_of_the_same_pipeline_run_takes_over_its_own_lease_at_once(tmp_path, caplog):
+    """KFP starts a retry only after the previous pod ended: its lease (live for up to a TTL) is the same
+    pipeline run's, and the retry resumes at once instead of waiting it out."""
+    store = open_storage(tmp_path / "ckpt")
+    killed = Holder(IDENTITY, "pod-attempt-1", 7, "/tmp/yolo-train", time.time(), time.time() + 3600,
+                    pipeline_run="kfp-run-A")  # fmt: skip
+    assert store.create_lease(killed.to_bytes()) is not None
+    caplog.set_level("WARNING")
+    retry = Lease(store, IDENTITY, "/tmp/yolo-train", ttl=3600, pipeline_run="kfp-run-A").acquire()
+    try:
+        assert "took over an earlier attempt's lease" in caplog.text
+        holder = Holder.from_bytes(store.read_lease()[0])
+        assert holder.pipeline_run == "kfp-run-A" and holder.pid == os.getpid()
+    finally:
+        retry.release()
+
+
+@pytest.mark.timeout(60)
+def test_a_concurrent_pipeline_run_with_the_same_data_and_params_is_refused_naming_it(tmp_path):
+    """Two runs with the same data and parameters share checkpoint_root/{run_id}: the second must not
+    overwrite the first's checkpoints. It waits one TTL (the holder might be a lost pod) and is refused."""
+    store = open_storage(tmp_path / "ckpt")
+    first = Lease(store, IDENTITY, "/pod-a", ttl=1.5, pipeline_run="kfp-run-A").acquire()  # renews itself
+    try:
+        with pytest.raises(UserError, match=r"in use by run 0123456789abcdef of pipeline run kfp-run-A"):
+            Lease(store, IDENTITY, "/pod-b", ttl=1.5, pipeline_run="kfp-run-B").acquire()
+        assert Holder.from_bytes(store.read_lease()[0]).pipeline_run == "kfp-run-A"
+        assert first.lost_to is None
+    finally:
+        first.release()
+
+
+def test_the_train_step_names_its_pipeline_run_to_yolo_train(tmp_path, monkeypatch):
+    seen: dict = {}
+
+    def run_yolo(step, args, gpus=0, allowed_exit_codes=(0,), forward_signals=False, env=None):
+        seen.update(step=step, env=env)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(runtime, "run_yolo", run_yolo)
+    art = SimpleNamespace(path=str(tmp_path / "a"), metadata={})
+    with pytest.raises(RuntimeError, match="stop here"):
+        runtime.train(art, art, art, "yolov5n.yaml", "", 1, 64, 8, 0, 0, "s3://b/ckpt", "kfp-run-A", "",
+                      art, out_dir=str(tmp_path / "run"))  # fmt: skip
+    assert seen == {"step": "train", "env": {PIPELINE_RUN_ENV: "kfp-run-A"}}
