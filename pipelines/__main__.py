@@ -121,6 +121,25 @@ def build_parser() -> OneLineParser:
         help=f"a PVC mounted at {DATASET_MOUNT} in every data step; a dataset source under it is read in "
         "place, not copied (mount it ReadOnlyMany)",
     )
+    c.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Secret for a private registry, on every task's pod; repeatable",
+    )
+    c.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="train nodes: > 1 makes the train task launch a Training Operator PyTorchJob of NODES x --gpus",
+    )
+    c.add_argument("--namespace", default="", help="namespace of the PyTorchJob (default: the run's)")
+    c.add_argument(
+        "--service-account",
+        default="",
+        help="service account of the PyTorchJob's pods (a single-node run's is the run's: submit --service-account)",
+    )
     c.add_argument("--train-retries", type=int, default=3)
     c.add_argument("--train-cpu", default="8", help="CPU request of the train pod")
     c.add_argument("--train-memory", default="32Gi", help="memory request of the train pod")
@@ -183,13 +202,18 @@ def compile_pipeline(args: argparse.Namespace) -> int:
         train_memory_limit=args.train_memory_limit,
         shm_size=args.shm_size,
         dataset_pvc=args.dataset_pvc,
+        image_pull_secrets=tuple(args.image_pull_secret),
+        nodes=args.nodes,
+        namespace=args.namespace,
+        service_account=args.service_account,
     )
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.yaml")  # the compiler insists on a .yaml name
     compiler.Compiler().compile(build_pipeline(options), str(tmp))
     os.replace(tmp, out)
-    print(f"wrote {out} (gpus per train pod: {options.gpus}, image: {options.image})")
+    shape = f"{options.nodes} nodes x {options.gpus} GPUs (PyTorchJob)" if options.nodes > 1 else f"gpus per train pod: {options.gpus}"
+    print(f"wrote {out} ({shape}, image: {options.image})")
     return 0
 
 

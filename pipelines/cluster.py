@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from components import pipeline_image
 from components.params import check_gpus
@@ -124,6 +124,13 @@ class ClusterOptions:
     tolerations: tuple[Toleration, ...] = ()  # train pods only
     # A PVC holding datasets, mounted at components.sources.DATASET_MOUNT in every task that reads data
     dataset_pvc: VolumeClaim | None = None
+    image_pull_secrets: tuple[str, ...] = ()  # every task's pod (and the PyTorchJob's)
+    # nodes > 1: the train task launches a PyTorchJob of `nodes` pods x `gpus` (components/launcher.py),
+    # in `namespace` ("" = the pipeline pod's own), its pods running as `service_account` ("" = default).
+    # A single-node run's service account is the run's own (submit --service-account).
+    nodes: int = 1
+    namespace: str = ""
+    service_account: str = ""
 
     def __post_init__(self) -> None:
         check_gpus(self.gpus)
@@ -131,6 +138,25 @@ class ClusterOptions:
         self.step.check("step")
         self.light_step.check("light step")
         quantity("shm_size", self.shm_size)
+        if self.nodes < 1:
+            raise UserError(f"--nodes {self.nodes}: must be >= 1")
+        for what, name in (("--namespace", self.namespace), ("--service-account", self.service_account),
+                           *(("--image-pull-secret", n) for n in self.image_pull_secrets)):  # fmt: skip
+            if name and not _DNS_SUBDOMAIN.match(name):
+                raise UserError(f"{what} {name!r}: lowercase letters, digits, '-' and '.' (a Kubernetes name)")
+
+    def job_settings(self) -> dict:
+        """The PyTorchJob's compiled settings (pipelines.pytorchjob.JobOptions fields), for nodes > 1."""
+        return {
+            "nodes": self.nodes, "gpus": self.gpus, "image": self.image, "namespace": self.namespace,
+            "service_account": self.service_account, "image_pull_secrets": list(self.image_pull_secrets),
+            "node_selector": dict(self.node_selector),
+            "tolerations": [{k: v for k, v in asdict(t).items() if v is not None} for t in self.tolerations],
+            "dataset_pvc": asdict(self.dataset_pvc) if self.dataset_pvc else None,
+            "s3_secret": self.s3_secret, "s3_endpoint": self.s3_endpoint,
+            "cpu": self.train_cpu, "memory": self.train_memory, "shm_size": self.shm_size,
+            "max_restarts": self.train_retries, "backoff_limit": self.train_retries,
+        }  # fmt: skip
 
     @property
     def train(self) -> Resources:

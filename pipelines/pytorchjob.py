@@ -30,6 +30,7 @@ from components import pipeline_image
 from components.params import check_gpus, reserved_flags_given
 from components.sources import DATASET_MOUNT, parse_source, resolve_git_rev
 from pipelines.cluster import VolumeClaim, volume_claim_argument
+from yolo.engine.lease import PIPELINE_RUN_ENV
 from yolo.errors import UserError
 from yolo.files import write_text
 
@@ -78,6 +79,9 @@ class JobOptions:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
     dataset_pvc: VolumeClaim | None = None  # mounted read-only at DATASET_MOUNT in every container
+    service_account: str = ""  # the pods' serviceAccountName (IRSA / workload identity for S3)
+    image_pull_secrets: list[str] = field(default_factory=list)
+    pipeline_run: str = ""  # the KFP run that launched the job: named in the checkpoint lease (lease.py)
 
     @property
     def procs_per_node(self) -> int:
@@ -170,6 +174,8 @@ def _env(o: JobOptions) -> list[dict[str, Any]]:
         ]
     if o.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": o.s3_endpoint})
+    if o.pipeline_run:
+        env.append({"name": PIPELINE_RUN_ENV, "value": o.pipeline_run})
     return env
 
 
@@ -222,6 +228,10 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
         spec["nodeSelector"] = dict(o.node_selector)
     if o.tolerations:
         spec["tolerations"] = list(o.tolerations)
+    if o.service_account:
+        spec["serviceAccountName"] = o.service_account
+    if o.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in o.image_pull_secrets]
     return {
         "metadata": {"labels": {"app.kubernetes.io/name": "yolo-pipeline", "yolo-pipeline/job": o.name}},
         "spec": spec,

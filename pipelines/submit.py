@@ -61,6 +61,9 @@ CLUSTER_KEYS = (
     "train_memory_limit",
     "shm_size",
     "dataset_pvc",
+    "image_pull_secrets",
+    "nodes",
+    "service_account",
 )
 DEFAULT_GPUS = 1  # `compile`'s default
 PARAMS_FILE_KEYS = ("experiment", "namespace", "cluster", "parameters")
@@ -308,6 +311,9 @@ def _cluster_args(cluster: dict[str, Any]) -> list[str]:
         elif key == "tolerations":
             for t in [value] if isinstance(value, str) else value:
                 args += ["--toleration", check_argument("cluster toleration", str(t))]
+        elif key == "image_pull_secrets":
+            for name in [value] if isinstance(value, str) else value:
+                args += ["--image-pull-secret", check_argument("cluster image_pull_secret", str(name))]
         else:
             args += [flag(key), check_argument(f"cluster {key}", str(value))]
     return args
@@ -538,6 +544,7 @@ def _create_run(request: SubmitRequest, token, package: Path, values, experiment
                 run_name=run_name,
                 experiment_name=experiment,
                 namespace=request.namespace,
+                service_account=request.cluster.get("service_account") or None,
             )
         except errors as e:
             raise _api_error(e, request.host, token) from None
@@ -606,6 +613,12 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-memory-limit")
     g.add_argument("--shm-size")
     g.add_argument("--dataset-pvc", metavar="NAME[:SUBPATH]", help="PVC with datasets (see compile --help)")
+    g.add_argument("--image-pull-secret", action="append", metavar="NAME", help="registry Secret; repeatable")
+    g.add_argument("--nodes", type=int, help="train nodes (> 1: a PyTorchJob launched by the train task)")
+    g.add_argument(
+        "--service-account",
+        help="service account the run's pods (and a PyTorchJob's) run as: IRSA / workload identity for S3",
+    )
     r = p.add_argument_group("pipeline parameters")
     for parameter in PARAMETERS:
         r.add_argument(
@@ -645,6 +658,9 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         "train_memory_limit": args.train_memory_limit,
         "shm_size": args.shm_size,
         "dataset_pvc": args.dataset_pvc,
+        "image_pull_secrets": args.image_pull_secret,
+        "nodes": args.nodes,
+        "service_account": args.service_account,
     }
     cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
     parameters = dict(params_file.parameters)

@@ -6,6 +6,7 @@ fixed when the pipeline is compiled — it is part of the pod spec the scheduler
 """
 
 # No `from __future__ import annotations`: KFP reads the pipeline function's annotations as types.
+import json
 from typing import NamedTuple
 
 from kfp import dsl, kubernetes
@@ -18,6 +19,7 @@ from components.promote import promote
 from components.sources import DATASET_MOUNT
 from components.stats import stats
 from components.train import train
+from components.train_multinode import train_multinode
 from components.validate import validate
 from pipelines.cluster import ClusterOptions, Resources, Toleration
 
@@ -37,7 +39,9 @@ class PipelineOutputs(NamedTuple):
 
 
 def _with_s3(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
-    """Give a task S3 access: credentials from the secret, the endpoint as env."""
+    """Give a task S3 access: credentials from the secret, the endpoint as env (and the pull secrets: every
+    task goes through here or _pulled)."""
+    _pulled(task, options)
     if options.s3_secret:
         kubernetes.use_secret_as_env(
             task,
@@ -47,6 +51,13 @@ def _with_s3(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTas
         )
     if options.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", options.s3_endpoint)
+    return task
+
+
+def _pulled(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
+    """The image pull secrets of a private registry, once per task."""
+    if options.image_pull_secrets and "imagePullSecret" not in task.platform_config.get("kubernetes", {}):
+        kubernetes.set_image_pull_secrets(task, list(options.image_pull_secrets))
     return task
 
 
@@ -138,7 +149,7 @@ def build_pipeline(options: ClusterOptions | None = None):
 
         check = validate(dataset=data.outputs["dataset"], max_bad_fraction=max_bad_fraction, workers=0)
         _step_resources(check.set_display_name("validate").set_caching_options(True), options)
-        _with_dataset_volume(check, options)
+        _pulled(_with_dataset_volume(check, options), options)
 
         label_stats = stats(
             dataset=data.outputs["dataset"],
@@ -148,26 +159,47 @@ def build_pipeline(options: ClusterOptions | None = None):
             imgsz=imgsz,
         )
         _step_resources(label_stats.set_display_name("stats").set_caching_options(True), options)
-        _with_dataset_volume(label_stats, options)
+        _pulled(_with_dataset_volume(label_stats, options), options)
 
-        fit = train(
-            dataset=data.outputs["dataset"],
-            index=check.outputs["index"],
-            label_stats=label_stats.outputs["label_stats"],
-            cfg=cfg,
-            weights=weights,
-            epochs=epochs,
-            imgsz=imgsz,
-            batch_size=batch_size,
-            gpus=options.gpus,
-            workers=workers,
-            checkpoint_root=checkpoint_root,
-            run_key=run_key,
-            extra_args=train_extra_args,
-        )
-        fit.set_display_name("train")
-        _configure_train(fit, options)
-        _with_dataset_volume(fit, options)
+        if options.nodes > 1:  # a PyTorchJob of nodes x gpus, launched and followed by this task
+            fit = train_multinode(
+                job=json.dumps(options.job_settings(), sort_keys=True),
+                dataset_source=dataset_source,
+                dataset_version=resolve.output,
+                cfg=cfg,
+                weights=weights,
+                epochs=epochs,
+                imgsz=imgsz,
+                batch_size=batch_size,
+                workers=workers,
+                checkpoint_root=checkpoint_root,
+                run_key=run_key,
+                extra_args=train_extra_args,
+            )
+            fit.after(check, label_stats)  # train on checked data only
+            fit.set_display_name("train (PyTorchJob)").set_caching_options(False)
+            _with_s3(_resources(fit, options.light_step), options)
+            fit.set_retry(num_retries=options.train_retries, backoff_duration="60s", backoff_factor=2.0,
+                          backoff_max_duration="3600s")  # fmt: skip
+        else:
+            fit = train(
+                dataset=data.outputs["dataset"],
+                index=check.outputs["index"],
+                label_stats=label_stats.outputs["label_stats"],
+                cfg=cfg,
+                weights=weights,
+                epochs=epochs,
+                imgsz=imgsz,
+                batch_size=batch_size,
+                gpus=options.gpus,
+                workers=workers,
+                checkpoint_root=checkpoint_root,
+                run_key=run_key,
+                extra_args=train_extra_args,
+            )
+            fit.set_display_name("train")
+            _configure_train(fit, options)
+            _with_dataset_volume(fit, options)
 
         score = evaluate(
             dataset=data.outputs["dataset"],

@@ -6,6 +6,7 @@ Against the loopback KFP stand-in (tests/submit_server.py) where a server is nee
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -262,3 +263,59 @@ def test_the_train_step_names_its_pipeline_run_to_yolo_train(tmp_path, monkeypat
         runtime.train(art, art, art, "yolov5n.yaml", "", 1, 64, 8, 0, 0, "s3://b/ckpt", "kfp-run-A", "",
                       art, out_dir=str(tmp_path / "run"))  # fmt: skip
     assert seen == {"step": "train", "env": {PIPELINE_RUN_ENV: "kfp-run-A"}}
+
+
+# ------------------------------------------------------ every cluster option at once, with --image
+ALL_OPTIONS = ("--image", IMAGE, "--namespace", "team-a", "--service-account", "trainer",
+               "--image-pull-secret", "regcred", "--node-selector", "pool=gpu",
+               "--toleration", "nvidia.com/gpu:NoSchedule", "--dataset-pvc", "datasets:coco",
+               "--gpus", "2", "--nodes", "2")  # fmt: skip
+
+
+def test_one_compile_with_every_option_at_once(tmp_path):
+    """The acceptance compile: each option is found in the IR — the PlatformSpec's executors for what the
+    pipeline's own pods get, the PyTorchJob's compiled settings (the train task's `job` input) for the
+    training pods of a multi-node run."""
+    pipeline, executors = _compile(tmp_path, *ALL_OPTIONS)
+    images = {e["container"]["image"] for e in pipeline["deploymentSpec"]["executors"].values()}
+    assert images == {IMAGE}
+    for name, executor in executors.items():  # every task's pod pulls with the secret
+        assert executor["imagePullSecret"] == [{"secretName": "regcred", "secretNameParameter": {
+            "runtimeValue": {"constant": "regcred"}}}], name  # fmt: skip
+    for name in set(DATA_STEPS) - {"exec-train"}:
+        (mount,) = executors[name]["pvcMount"]
+        assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "datasets" and mount["subPath"] == "coco"
+    train = pipeline["root"]["dag"]["tasks"]["train-multinode"]
+    assert "retryPolicy" in train and "exec-train" not in executors
+    job = json.loads(train["inputs"]["parameters"]["job"]["runtimeValue"]["constant"])
+    assert (job["nodes"], job["gpus"], job["image"]) == (2, 2, IMAGE)
+    assert (job["namespace"], job["service_account"], job["image_pull_secrets"]) == ("team-a", "trainer", ["regcred"])
+    assert job["node_selector"] == {"pool": "gpu"}
+    assert job["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert job["dataset_pvc"] == {"name": "datasets", "sub_path": "coco"}
+    launcher_inputs = train["inputs"]["parameters"]
+    assert launcher_inputs["dataset_version"]["taskOutputParameter"]["producerTask"] == "resolve-dataset-version"
+    assert set(train["dependentTasks"]) >= {"validate", "stats"}
+
+
+def test_every_option_at_once_single_node(tmp_path):
+    """nodes 1: node selector and toleration go on the train pod itself."""
+    pipeline, executors = _compile(tmp_path, *ALL_OPTIONS[:-2], "--nodes", "1")
+    train = executors["exec-train"]
+    assert train["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert train["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert train["pvcMount"][0]["subPath"] == "coco" and train["imagePullSecret"][0]["secretName"] == "regcred"
+    resources = pipeline["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "2"
+
+
+def test_submit_passes_the_service_account_to_the_run(capsys):
+    state = submit_server.start()
+    try:
+        assert _submit(state, "--service-account", "trainer", "--image-pull-secret", "regcred") == 0
+        (run,) = state.created_runs()
+        assert run.body["service_account"] == "trainer"
+        executors = run.body["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        assert executors["exec-train"]["imagePullSecret"][0]["secretName"] == "regcred"
+    finally:
+        state.stop()
