@@ -165,9 +165,15 @@ def build_parser() -> OneLineParser:
     )
     r.add_argument("--train-retries", type=int, default=0, help="retries of a failed train step (KFP: 3)")
     _add_run_arguments(r)
-    from pipelines import katib, pytorchjob, retrain, submit  # shipping subcommands (docs/kubeflow.md)
+    from pipelines import (  # shipping subcommands (docs/kubeflow.md)
+        katib,
+        publish,
+        pytorchjob,
+        retrain,
+        submit,
+    )
 
-    for extra in (submit, retrain, pytorchjob, katib):
+    for extra in (submit, publish, retrain, pytorchjob, katib):
         extra.add_parser(sub)
     return parser
 

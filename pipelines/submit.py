@@ -40,8 +40,10 @@ from yolo.errors import UserError, did_you_mean
 
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
 TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # the kfp SDK's own variable: a file holding the token
+TOKEN_ENV = "KFP_TOKEN"  # a token in the environment (CI): never on a command line
 UI_HOST_ENV = "KF_PIPELINES_UI_ENDPOINT"  # the kfp SDK's own variable for run links
 DEFAULT_EXPERIMENT = "yolo-pipeline"
+PIPELINE_NAME = "yolo-training"  # pipelines.training.PIPELINE_NAME (not imported: it would import kfp)
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `pipelines` package (for the compile child)
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED")
 
@@ -154,6 +156,7 @@ class SubmitRequest:
 
     host: str
     token: str | None = None
+    token_file: str | None = None  # re-read before every request
     image: str | None = None
     experiment: str | None = None
     namespace: str | None = None
@@ -166,6 +169,8 @@ class SubmitRequest:
     wait_timeout: float = 3 * 24 * 3600.0
     poll_interval: float = 30.0
     connect_timeout: float = 5.0
+    pipeline: str = PIPELINE_NAME  # with pipeline_version: the stored pipeline to run
+    pipeline_version: str | None = None  # run this uploaded version instead of compiling
 
 
 @dataclass
@@ -178,20 +183,74 @@ class SubmitResult:
     state: str | None = None  # with --wait: the final state
 
 
-def read_token(token: str | None) -> str | None:
-    """--token, else the file named by KF_PIPELINES_SA_TOKEN_PATH, else None (no Authorization header)."""
+def token_file(given: str | os.PathLike | None) -> Path | None:
+    """The token file: --token-file, else the one $KF_PIPELINES_SA_TOKEN_PATH names, else None."""
+    path = given or os.environ.get(TOKEN_PATH_ENV)
+    return Path(path) if path else None
+
+
+def read_token_file(path: Path) -> str:
+    """The token in `path` now (a projected token is rotated by the kubelet: read it again per request)."""
+    try:
+        value = path.read_text().strip()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the token file ({e.strerror})") from None
+    if not value:
+        raise UserError(f"{path}: the token file is empty")
+    return value
+
+
+def read_token(token: str | None, token_file_path: str | os.PathLike | None = None) -> str | None:
+    """The bearer token now: --token-file, else --token, else $KFP_TOKEN, else the file
+    $KF_PIPELINES_SA_TOKEN_PATH names, else None (no Authorization header)."""
+    if token_file_path:
+        return read_token_file(Path(token_file_path))
     if token:
         return token.strip()
-    path = os.environ.get(TOKEN_PATH_ENV)
-    if not path:
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip()
+    path = token_file(None)
+    return read_token_file(path) if path else None
+
+
+def token_path(request: SubmitRequest) -> Path | None:
+    """The file the token comes from (read_token's order), or None when it is not from a file."""
+    if request.token_file:
+        return Path(request.token_file)
+    if request.token or os.environ.get(TOKEN_ENV, "").strip():
         return None
-    try:
-        value = Path(path).read_text().strip()
-    except OSError as e:
-        raise UserError(f"{TOKEN_PATH_ENV}={path}: cannot read the token file ({e.strerror})") from None
-    if not value:
-        raise UserError(f"{TOKEN_PATH_ENV}={path}: the token file is empty")
-    return value
+    return token_file(None)
+
+
+@contextlib.contextmanager
+def quiet_kfp():
+    """kfp prints its own links and a FutureWarning: stdout is for our results, stderr for one-line errors."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def kfp_client(request: SubmitRequest, token: str | None):
+    """kfp.Client for the request. A token from a file is read again before every request (a projected
+    service-account token is rotated by the kubelet); any other token is sent as read once."""
+    import kfp
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+    kwargs: dict[str, Any] = {"namespace": request.namespace} if request.namespace else {}
+    path = token_path(request)
+    if path is not None:
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=str(path))
+    else:
+        kwargs["existing_token"] = token
+    with quiet_kfp():
+        return kfp.Client(host=request.host.rstrip("/"), **kwargs)
+
+
+def api_errors() -> tuple[type[BaseException], ...]:
+    import kfp_server_api
+    import urllib3
+
+    return (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 
 # ------------------------------------------------------------------------------------------- image
@@ -485,67 +544,110 @@ def _run_url(host: str, run_id: str) -> str:
     return redact(f"{(os.environ.get(UI_HOST_ENV) or host).rstrip('/')}/#/runs/details/{run_id}")
 
 
-def submit(request: SubmitRequest, log=print) -> SubmitResult:
-    """Check the host, compile for the image, check and type the parameters, create the run."""
-    token = read_token(request.token)
+def connect(request: SubmitRequest) -> tuple[str | None, dict[str, Any]]:
+    """The token and the host's healthz answer; UserError (one line) for anything that would fail later."""
+    token = read_token(request.token, request.token_file)
     warning = check_token_transport(request.host, token, request.insecure)
     if warning:
         print(warning, file=sys.stderr)
-    image = effective_image(request.image)
-    split_image(image)
     health = check_host(request.host, token, request.connect_timeout)
     if health.get("multi_user") is True and not request.namespace:
         raise UserError(
             f"{request.host}: multi-user Kubeflow Pipelines: pass --namespace (your profile namespace) "
             "or set `namespace:` in the params file"
         )
+    return token, health
+
+
+def checked_image(image: str | None) -> str:
+    image = effective_image(image)
+    split_image(image)
     if not is_pinned(image):
         print(
             f"warning: image {image} is not pinned by a tag or digest: the run may not use the tested code",
             file=sys.stderr,
         )
-    gpus = request.cluster.get("gpus")
-    gpus = DEFAULT_GPUS if gpus is None else int(gpus)
-    with tempfile.TemporaryDirectory(prefix="yolo-submit-") as tmp:
-        package = Path(tmp) / "pipeline.yaml"
+    return image
+
+
+@dataclass
+class Target:
+    """What a run or schedule starts: a package compiled now, or a stored pipeline version (its spec
+    written to `package` so both are checked alike)."""
+
+    package: Path
+    image: str
+    pipeline_id: str | None = None
+    version_id: str | None = None
+
+
+def prepare_target(request: SubmitRequest, token, health, folder: Path) -> Target:
+    """Compile for the image, or fetch the stored version; then the backend check."""
+    package = folder / "pipeline.yaml"
+    if request.pipeline_version:
+        client = kfp_client(request, token)
+        pipeline_id, version = find_version(client, request, token)
+        write_stored_spec(version.pipeline_spec, package)
+        target = Target(package, image=package_image(package), pipeline_id=pipeline_id,
+                        version_id=version.pipeline_version_id)  # fmt: skip
+    else:
+        image = checked_image(request.image)
         compile_package(package, request.image, request.cluster)
-        warning = check_backend(request.host, health, package)
-        if warning:
-            print(warning, file=sys.stderr)
-        values = merge_parameters(root_parameters(package), request)
+        target = Target(package, image=image)
+    warning = check_backend(request.host, health, package)
+    if warning:
+        print(warning, file=sys.stderr)
+    return target
+
+
+def checked_values(request: SubmitRequest, package: Path, log, pin_rev: bool = True) -> dict[str, Any]:
+    """The run's parameters: merged, typed by the spec, the dvc rev pinned to a SHA, checked."""
+    values = merge_parameters(root_parameters(package), request)
+    if pin_rev:
         note = resolve_dataset_rev(values)
         if note:
             log(note)
-        check_values(values, gpus)
+    gpus = request.cluster.get("gpus")
+    check_values(values, DEFAULT_GPUS if gpus is None else int(gpus))
+    return values
+
+
+def submit(request: SubmitRequest, log=print) -> SubmitResult:
+    """Check the host, compile for the image (or fetch the stored version), check the parameters, run."""
+    token, health = connect(request)
+    with tempfile.TemporaryDirectory(prefix="yolo-submit-") as tmp:
+        target = prepare_target(request, token, health, Path(tmp))
+        values = checked_values(request, target.package, log)
         experiment = request.experiment or DEFAULT_EXPERIMENT
-        run_name = request.run_name or f"yolo-training {image.rsplit('/', 1)[-1]}"
-        run_id, state = _create_run(request, token, package, values, experiment, run_name)
+        run_name = request.run_name or f"yolo-training {target.image.rsplit('/', 1)[-1]}"
+        run_id, state = _create_run(request, token, target, values, experiment, run_name)
     url = _run_url(request.host, run_id)
     return SubmitResult(
-        run_id=run_id, url=url, experiment=experiment, image=image, parameters=values, state=state
+        run_id=run_id, url=url, experiment=experiment, image=target.image, parameters=values, state=state
     )
 
 
-def _create_run(request: SubmitRequest, token, package: Path, values, experiment: str, run_name: str):
-    import kfp
-    import kfp_server_api
-    import urllib3
-
-    errors = (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
-    # kfp prints its own links and a FutureWarning: stdout is for the run id and URL, stderr for one-line errors.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+def _create_run(request: SubmitRequest, token, target: Target, values, experiment: str, run_name: str):
+    errors = api_errors()
+    service_account = request.cluster.get("service_account") or None
+    with quiet_kfp():
         try:
-            kwargs = {"namespace": request.namespace} if request.namespace else {}
-            client = kfp.Client(host=request.host.rstrip("/"), existing_token=token, **kwargs)
-            result = client.create_run_from_pipeline_package(
-                str(package),
-                arguments=values,
-                run_name=run_name,
-                experiment_name=experiment,
-                namespace=request.namespace,
-                service_account=request.cluster.get("service_account") or None,
-            )
+            client = kfp_client(request, token)
+            if target.version_id:
+                experiment_id = client.create_experiment(experiment, namespace=request.namespace).experiment_id
+                result = client.run_pipeline(
+                    experiment_id, run_name, params=values, pipeline_id=target.pipeline_id,
+                    version_id=target.version_id, service_account=service_account,
+                )  # fmt: skip
+            else:
+                result = client.create_run_from_pipeline_package(
+                    str(target.package),
+                    arguments=values,
+                    run_name=run_name,
+                    experiment_name=experiment,
+                    namespace=request.namespace,
+                    service_account=service_account,
+                )
         except errors as e:
             raise _api_error(e, request.host, token) from None
         run_id = result.run_id
@@ -564,6 +666,51 @@ def _create_run(request: SubmitRequest, token, package: Path, values, experiment
         return run_id, str(run.state or "UNKNOWN").upper()
 
 
+# --------------------------------------------------------------------------- stored pipeline versions
+def _name_filter(name: str) -> str:
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+
+
+def find_pipeline(client, request: SubmitRequest) -> str | None:
+    """The id of the pipeline named request.pipeline in the namespace, or None."""
+    found = client.list_pipelines(filter=_name_filter(request.pipeline), namespace=request.namespace).pipelines
+    if found and len(found) > 1:
+        raise UserError(f"{request.host}: {len(found)} pipelines are named {request.pipeline!r}")
+    return found[0].pipeline_id if found else None
+
+
+def find_version(client, request: SubmitRequest, token):
+    """(pipeline id, the stored version) of --pipeline / --pipeline-version; UserError if either is missing."""
+    try:
+        pipeline_id = find_pipeline(client, request)
+        if pipeline_id is None:
+            raise UserError(f"{request.host}: no pipeline named {request.pipeline!r} "
+                            "(upload it: python -m pipelines upload --name NAME --version VERSION)")  # fmt: skip
+        versions = client.list_pipeline_versions(pipeline_id, filter=_name_filter(request.pipeline_version))
+    except api_errors() as e:
+        raise _api_error(e, request.host, token) from None
+    found = versions.pipeline_versions or []
+    if not found:
+        raise UserError(f"{request.host}: pipeline {request.pipeline!r} has no version {request.pipeline_version!r}")
+    return pipeline_id, found[0]
+
+
+def write_stored_spec(spec: Any, package: Path) -> None:
+    """A stored version's spec as a package file: the PipelineSpec, and the PlatformSpec when it has one
+    (the API returns {pipeline_spec, platform_spec} for a package of two documents)."""
+    if not isinstance(spec, dict):
+        raise UserError("the stored pipeline version has no pipeline spec")
+    docs = [spec["pipeline_spec"], spec.get("platform_spec") or {}] if "pipeline_spec" in spec else [spec]
+    package.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def package_image(package: Path) -> str:
+    with package.open() as f:
+        pipeline = next(yaml.safe_load_all(f))
+    images = sorted({e.get("container", {}).get("image", "") for e in pipeline["deploymentSpec"]["executors"].values()})
+    return ", ".join(filter(None, images)) or "?"
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _name_value(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
@@ -576,7 +723,14 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host", required=True, help="KFP API root, e.g. http://localhost:8888 or https://KF/pipeline"
     )
-    p.add_argument("--token", help=f"bearer token (default: the file ${TOKEN_PATH_ENV} names, if set)")
+    p.add_argument(
+        "--token",
+        help=f"bearer token; prefer ${TOKEN_ENV} or --token-file (a command line is visible to every process)",
+    )
+    p.add_argument(
+        "--token-file",
+        help=f"file holding the bearer token, read again before every request (default: ${TOKEN_PATH_ENV})",
+    )
     p.add_argument(
         "--namespace", help="profile namespace (multi-user Kubeflow; default: the params file's `namespace`)"
     )
@@ -639,6 +793,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--params-file", type=Path, help="YAML with experiment/cluster/parameters (see production.yaml)"
     )
+    v = p.add_argument_group("stored pipeline (instead of compiling one now)")
+    v.add_argument("--pipeline", default=PIPELINE_NAME, help=f"uploaded pipeline's name (default {PIPELINE_NAME})")
+    v.add_argument("--pipeline-version", help="run this uploaded version of --pipeline (see `upload`)")
 
 
 def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None = None) -> SubmitRequest:
@@ -670,6 +827,9 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
     return SubmitRequest(
         host=args.host,
         token=args.token,
+        token_file=args.token_file,
+        pipeline=args.pipeline,
+        pipeline_version=args.pipeline_version,
         image=args.image,
         experiment=args.experiment or params_file.experiment,
         namespace=namespace,
