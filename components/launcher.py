@@ -26,7 +26,7 @@ from typing import Any
 
 from components.params import check_train_extra_args
 from components.registry import MODEL_FILE
-from pipelines.cluster import VolumeClaim
+from pipelines.cluster import Resources, VolumeClaim
 from pipelines.kube import api_error_text, custom_objects_api
 from pipelines.pytorchjob import API_VERSION, KIND, JobOptions, build_manifest
 from yolo.errors import UserError
@@ -38,7 +38,7 @@ PLURAL = "pytorchjobs"
 RESULT_FILES = ("train.json", "results.csv")  # next to weights/best.pt under the checkpoint URI
 # JobOptions fields fixed at compile time (ClusterOptions → the `job` input); the rest come from the run.
 COMPILED_FIELDS = ("nodes", "gpus", "image", "namespace", "service_account", "image_pull_secrets",
-                   "node_selector", "tolerations", "dataset_pvc", "s3_secret", "s3_endpoint", "cpu", "memory",
+                   "node_selector", "tolerations", "dataset_pvc", "s3_secret", "s3_endpoint", "resources",
                    "shm_size", "max_restarts", "backoff_limit")  # fmt: skip
 
 
@@ -67,6 +67,8 @@ def job_options(
         raise UserError(f"job settings: unknown field(s) {', '.join(sorted(unknown))}")
     if compiled.get("dataset_pvc"):
         compiled["dataset_pvc"] = VolumeClaim(**compiled["dataset_pvc"])
+    if compiled.get("resources"):
+        compiled["resources"] = Resources(**compiled["resources"])
     if not checkpoint_root:
         raise UserError("a multi-node train step needs checkpoint_root: every node resumes from it, and the "
                         "model is handed on from it")  # fmt: skip

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from components.params import NAMES, PARAMETERS, check_gpus, check_parameters
 from components.sources import DATASET_MOUNT, parse_source, redact
-from pipelines.cluster import ClusterOptions, Toleration, parse_toleration, volume_claim_argument
+from pipelines.cluster import (
+    TASKS,
+    ClusterOptions,
+    Toleration,
+    parse_toleration,
+    task_resources_argument,
+    volume_claim_argument,
+)
 from yolo.cli import EXIT_USER_ERROR, OneLineParser
 from yolo.errors import UserError
 from yolo.files import write_text
@@ -140,6 +147,15 @@ def build_parser() -> OneLineParser:
         default="",
         help="service account of the PyTorchJob's pods (a single-node run's is the run's: submit --service-account)",
     )
+    c.add_argument(
+        "--resources",
+        type=task_resources_argument,
+        action="append",
+        default=[],
+        metavar="TASK:KIND=REQUEST[/LIMIT],...",
+        help=f"requests/limits of one task ({', '.join(TASKS)}); KIND cpu, memory or ephemeral-storage; "
+        "repeatable (e.g. import:memory=16Gi/16Gi,ephemeral-storage=50Gi/100Gi)",
+    )
     c.add_argument("--train-retries", type=int, default=3)
     c.add_argument("--train-cpu", default="8", help="CPU request of the train pod")
     c.add_argument("--train-memory", default="32Gi", help="memory request of the train pod")
@@ -186,6 +202,13 @@ def _set_image(image: str | None) -> None:
         os.environ["YOLO_PIPELINE_IMAGE"] = image
 
 
+def _merged_resources(given: list[tuple[str, dict[str, str]]]) -> dict[str, dict[str, str]]:
+    merged: dict[str, dict[str, str]] = {}
+    for task, values in given:
+        merged.setdefault(task, {}).update(values)
+    return merged
+
+
 def compile_pipeline(args: argparse.Namespace) -> int:
     check_gpus(args.gpus)
     if args.train_retries < 0:
@@ -212,6 +235,7 @@ def compile_pipeline(args: argparse.Namespace) -> int:
         nodes=args.nodes,
         namespace=args.namespace,
         service_account=args.service_account,
+        task_resources=_merged_resources(args.resources),
     )
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import yaml
 from components import pipeline_image
 from components.params import check_gpus, reserved_flags_given
 from components.sources import DATASET_MOUNT, parse_source, resolve_git_rev
-from pipelines.cluster import VolumeClaim, volume_claim_argument
+from pipelines.cluster import Resources, VolumeClaim, volume_claim_argument
 from yolo.engine.lease import PIPELINE_RUN_ENV
 from yolo.errors import UserError
 from yolo.files import write_text
@@ -82,6 +82,7 @@ class JobOptions:
     service_account: str = ""  # the pods' serviceAccountName (IRSA / workload identity for S3)
     image_pull_secrets: list[str] = field(default_factory=list)
     pipeline_run: str = ""  # the KFP run that launched the job: named in the checkpoint lease (lease.py)
+    resources: Resources | None = None  # requests and limits incl. ephemeral storage (else cpu, memory)
 
     @property
     def procs_per_node(self) -> int:
@@ -184,6 +185,14 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
         "requests": {"cpu": o.cpu, "memory": o.memory},
         "limits": {"memory": o.memory},
     }
+    if o.resources is not None:
+        r = o.resources
+        resources = {"requests": {"cpu": r.cpu, "memory": r.memory},
+                     "limits": {"cpu": r.cpu_limit, "memory": r.memory_limit}}  # fmt: skip
+        if r.ephemeral:
+            resources["requests"]["ephemeral-storage"] = r.ephemeral
+        if r.ephemeral_limit:
+            resources["limits"]["ephemeral-storage"] = r.ephemeral_limit
     if o.gpus > 0:
         resources["limits"]["nvidia.com/gpu"] = o.gpus
         resources["requests"]["nvidia.com/gpu"] = o.gpus

@@ -66,6 +66,7 @@ CLUSTER_KEYS = (
     "image_pull_secrets",
     "nodes",
     "service_account",
+    "resources",
 )
 DEFAULT_GPUS = 1  # `compile`'s default
 PARAMS_FILE_KEYS = ("experiment", "namespace", "cluster", "parameters")
@@ -370,6 +371,9 @@ def _cluster_args(cluster: dict[str, Any]) -> list[str]:
         elif key == "tolerations":
             for t in [value] if isinstance(value, str) else value:
                 args += ["--toleration", check_argument("cluster toleration", str(t))]
+        elif key == "resources":
+            for spec in [value] if isinstance(value, str) else value:
+                args += ["--resources", check_argument("cluster resources", str(spec))]
         elif key == "image_pull_secrets":
             for name in [value] if isinstance(value, str) else value:
                 args += ["--image-pull-secret", check_argument("cluster image_pull_secret", str(name))]
@@ -769,6 +773,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset-pvc", metavar="NAME[:SUBPATH]", help="PVC with datasets (see compile --help)")
     g.add_argument("--image-pull-secret", action="append", metavar="NAME", help="registry Secret; repeatable")
     g.add_argument("--nodes", type=int, help="train nodes (> 1: a PyTorchJob launched by the train task)")
+    g.add_argument("--resources", action="append", metavar="TASK:KIND=REQUEST[/LIMIT],...",
+                   help="one task's requests/limits (see compile --help); repeatable")  # fmt: skip
     g.add_argument(
         "--service-account",
         help="service account the run's pods (and a PyTorchJob's) run as: IRSA / workload identity for S3",
@@ -818,6 +824,7 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         "image_pull_secrets": args.image_pull_secret,
         "nodes": args.nodes,
         "service_account": args.service_account,
+        "resources": args.resources,
     }
     cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
     parameters = dict(params_file.parameters)

@@ -28,6 +28,7 @@ __all__ = ["ClusterOptions", "Toleration", "build_pipeline"]  # the cluster shap
 PIPELINE_NAME = "yolo-training"
 AWS_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 GPU_RESOURCE = "nvidia.com/gpu"
+SCRATCH = "/tmp"  # a task's node-local scratch (the train run folder, downloads), sized per task
 
 
 class PipelineOutputs(NamedTuple):
@@ -61,14 +62,18 @@ def _pulled(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask
     return task
 
 
-def _resources(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
-    """Requests and limits for CPU and memory: every task has all four (see Resources)."""
+def _resources(task: dsl.PipelineTask, resources: Resources, scratch: str = "") -> dsl.PipelineTask:
+    """Requests and limits for CPU and memory (every task has all four), and a /tmp scratch of size
+    `scratch` when one is given (KFP's ResourceSpec cannot request ephemeral storage; see Resources)."""
     task.set_cpu_request(resources.cpu).set_memory_request(resources.memory)
-    return task.set_cpu_limit(resources.cpu_limit).set_memory_limit(resources.memory_limit)
+    task.set_cpu_limit(resources.cpu_limit).set_memory_limit(resources.memory_limit)
+    if scratch:
+        kubernetes.empty_dir_mount(task, volume_name="scratch", mount_path=SCRATCH, size_limit=scratch)
+    return task
 
 
-def _step_resources(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
-    return _resources(task, options.step)
+def _step_resources(task: dsl.PipelineTask, options: ClusterOptions, name: str) -> dsl.PipelineTask:
+    return _resources(task, options.resources(name), options.scratch_limit(name))
 
 
 def _with_dataset_volume(task: dsl.PipelineTask, options: ClusterOptions) -> dsl.PipelineTask:
@@ -85,7 +90,7 @@ def _with_dataset_volume(task: dsl.PipelineTask, options: ClusterOptions) -> dsl
 
 def _configure_train(task: dsl.PipelineTask, options: ClusterOptions) -> None:
     task.set_caching_options(False)
-    _resources(task, options.train)
+    _resources(task, options.resources("train"), options.scratch_limit("train"))
     if options.gpus > 0:
         task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(options.gpus)
     kubernetes.empty_dir_mount(
@@ -140,15 +145,15 @@ def build_pipeline(options: ClusterOptions | None = None):
             **{name: given[name] for name in NAMES if name not in ("dataset_source", "dataset_rev")},
         )
         resolve.set_display_name("resolve dataset version").set_caching_options(False)
-        _with_dataset_volume(_with_s3(_resources(resolve, options.light_step), options), options)
+        _with_dataset_volume(_with_s3(_step_resources(resolve, options, "resolve"), options), options)
 
         # Keyed by the resolved version only (not the rev name): re-runs on unchanged data are cache hits.
         data = import_data(source=dataset_source, version=resolve.output)
         data.set_display_name("import data").set_caching_options(True)
-        _with_dataset_volume(_with_s3(_step_resources(data, options), options), options)
+        _with_dataset_volume(_with_s3(_step_resources(data, options, "import"), options), options)
 
         check = validate(dataset=data.outputs["dataset"], max_bad_fraction=max_bad_fraction, workers=0)
-        _step_resources(check.set_display_name("validate").set_caching_options(True), options)
+        _step_resources(check.set_display_name("validate").set_caching_options(True), options, "validate")
         _pulled(_with_dataset_volume(check, options), options)
 
         label_stats = stats(
@@ -158,7 +163,7 @@ def build_pipeline(options: ClusterOptions | None = None):
             weights=weights,
             imgsz=imgsz,
         )
-        _step_resources(label_stats.set_display_name("stats").set_caching_options(True), options)
+        _step_resources(label_stats.set_display_name("stats").set_caching_options(True), options, "stats")
         _pulled(_with_dataset_volume(label_stats, options), options)
 
         if options.nodes > 1:  # a PyTorchJob of nodes x gpus, launched and followed by this task
@@ -178,7 +183,7 @@ def build_pipeline(options: ClusterOptions | None = None):
             )
             fit.after(check, label_stats)  # train on checked data only
             fit.set_display_name("train (PyTorchJob)").set_caching_options(False)
-            _with_s3(_resources(fit, options.light_step), options)
+            _with_s3(_resources(fit, options.light_step), options)  # the launcher; the job gets "train"
             fit.set_retry(num_retries=options.train_retries, backoff_duration="60s", backoff_factor=2.0,
                           backoff_max_duration="3600s")  # fmt: skip
         else:
@@ -213,7 +218,7 @@ def build_pipeline(options: ClusterOptions | None = None):
         )
         # Not cached: the baseline it compares against (current.json) changes between runs.
         score.set_display_name("evaluate").set_caching_options(False)
-        _with_dataset_volume(_with_s3(_step_resources(score, options), options), options)
+        _with_dataset_volume(_with_s3(_step_resources(score, options, "evaluate"), options), options)
         if options.gpus > 0:
             score.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(1)
 
@@ -228,7 +233,7 @@ def build_pipeline(options: ClusterOptions | None = None):
                     run_key=run_key,
                 )
                 publish.set_display_name("promote").set_caching_options(False)
-                _with_s3(_resources(publish, options.light_step), options)
+                _with_s3(_step_resources(publish, options, "promote"), options)
 
         return PipelineOutputs(score.outputs["metrics"], fit.outputs["model"], score.outputs["evaluation"])
 

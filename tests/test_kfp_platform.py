@@ -319,3 +319,55 @@ def test_submit_passes_the_service_account_to_the_run(capsys):
         assert executors["exec-train"]["imagePullSecret"][0]["secretName"] == "regcred"
     finally:
         state.stop()
+
+
+# ------------------------------------------------------ requests and limits per task, ephemeral storage
+def test_every_task_has_requests_and_limits_and_no_scratch_limit_by_default(tmp_path):
+    pipeline, executors = _compile(tmp_path)
+    containers = {k: e["container"]["resources"] for k, e in pipeline["deploymentSpec"]["executors"].items()}
+    for name, r in containers.items():
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(r)
+        assert all(m["mountPath"] != "/tmp" for m in executors.get(name, {}).get("emptyDirMounts", [])), name
+
+
+def test_resources_per_task(tmp_path):
+    pipeline, executors = _compile(tmp_path, "--resources", "import:memory=16Gi/24Gi,ephemeral-storage=50Gi/100Gi",
+                                   "--resources", "evaluate:cpu=3", "--train-cpu", "6")  # fmt: skip
+    r = {k: e["container"]["resources"] for k, e in pipeline["deploymentSpec"]["executors"].items()}
+    imported = r["exec-import-data"]
+    assert (imported["resourceMemoryRequest"], imported["resourceMemoryLimit"]) == ("16Gi", "24Gi")
+    assert (imported["resourceCpuRequest"], imported["resourceCpuLimit"]) == ("2", "4")  # the step defaults
+    assert (r["exec-evaluate"]["resourceCpuRequest"], r["exec-evaluate"]["resourceMemoryRequest"]) == ("3", "8Gi")
+    assert r["exec-train"]["resourceCpuRequest"] == "6"
+    (scratch,) = [m for m in executors["exec-import-data"]["emptyDirMounts"] if m["mountPath"] == "/tmp"]
+    assert scratch["sizeLimit"] == "100Gi"
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("import:memory=16Gi/8Gi", "import memory limit 8Gi is below its request 16Gi"),
+    ("import:ephemeral-storage=lots", "not a Kubernetes quantity"),
+    ("preprocess:cpu=1", "TASK one of"),
+    ("train:gpu=1", "KIND one of"),
+])  # fmt: skip
+def test_bad_resources_are_one_line(tmp_path, capsys, spec, message):
+    try:
+        code = main(["compile", "--out", str(tmp_path / "p.yaml"), "--resources", spec])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_pytorchjob_pods_get_the_train_resources_with_ephemeral_storage():
+    from pipelines import pytorchjob as pj
+    from pipelines.cluster import ClusterOptions
+
+    options = ClusterOptions(gpus=1, nodes=2, task_resources={"train": {"ephemeral_limit": "80Gi"}})
+    settings = options.job_settings()
+    job = pj.build_manifest(pj.JobOptions(**{**settings, "resources": pj.Resources(**settings["resources"])},
+                                          train_args=["--data", "/x/data.yaml"], checkpoint_uri="s3://b/c"))  # fmt: skip
+    resources = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "20Gi", "nvidia.com/gpu": 1}
+    assert resources["limits"] == {"cpu": "16", "memory": "48Gi", "ephemeral-storage": "80Gi", "nvidia.com/gpu": 1}
+    default = ClusterOptions(gpus=1, nodes=2).resources("train")
+    assert (default.ephemeral, default.ephemeral_limit) == ("20Gi", "200Gi")
