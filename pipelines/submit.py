@@ -613,6 +613,9 @@ def checked_values(request: SubmitRequest, package: Path, log, pin_rev: bool = T
             log(note)
     gpus = request.cluster.get("gpus")
     check_values(values, DEFAULT_GPUS if gpus is None else int(gpus))
+    if int(request.cluster.get("nodes") or 1) > 1 and not values.get("checkpoint_root"):
+        raise UserError("--nodes > 1 needs --checkpoint-root: the PyTorchJob's nodes resume from it, and the "
+                        "model is handed on from it")  # fmt: skip
     return values
 
 

@@ -371,3 +371,19 @@ def test_pytorchjob_pods_get_the_train_resources_with_ephemeral_storage():
     assert resources["limits"] == {"cpu": "16", "memory": "48Gi", "ephemeral-storage": "80Gi", "nvidia.com/gpu": 1}
     default = ClusterOptions(gpus=1, nodes=2).resources("train")
     assert (default.ephemeral, default.ephemeral_limit) == ("20Gi", "200Gi")
+
+
+def test_multinode_submit_needs_a_checkpoint_root(capsys):
+    state = submit_server.start()
+    try:
+        assert _submit(state, "--nodes", "2", "--gpus", "2", "--batch-size", "16") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--nodes > 1 needs --checkpoint-root" in err[0]
+        assert not state.created_runs()
+        assert _submit(state, "--nodes", "2", "--gpus", "2", "--batch-size", "16",
+                       "--checkpoint-root", "s3://b/ckpt") == 0  # fmt: skip
+        (run,) = state.created_runs()
+        tasks = run.body["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
+        assert "train-multinode" in tasks and "train" not in tasks
+    finally:
+        state.stop()
