@@ -402,7 +402,7 @@ def options_from_args(args: argparse.Namespace) -> ExperimentOptions:
         train_args = train_args[1:]
     version = ""
     if args.dataset_source:
-        from components.runtime import parse_source, resolve_git_rev
+        from components.sources import parse_source, resolve_git_rev
 
         source = parse_source(args.dataset_source)
         if source.kind == "dvc":

@@ -166,7 +166,8 @@ def train_command(o: JobOptions) -> list[str]:
     ]
 
 
-def _env(o: JobOptions) -> list[dict[str, Any]]:
+def _env(o: JobOptions, pipeline_run: str = "") -> list[dict[str, Any]]:
+    """The S3 secret and endpoint variables (katib.py's trials use them too), and the KFP run's id."""
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if o.s3_secret:
         env += [
@@ -175,8 +176,8 @@ def _env(o: JobOptions) -> list[dict[str, Any]]:
         ]
     if o.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": o.s3_endpoint})
-    if o.pipeline_run:
-        env.append({"name": PIPELINE_RUN_ENV, "value": o.pipeline_run})
+    if pipeline_run:
+        env.append({"name": PIPELINE_RUN_ENV, "value": pipeline_run})
     return env
 
 
@@ -217,7 +218,7 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
                 "name": "import-data",
                 "image": o.image,
                 "command": ["python", "-c", IMPORT_SNIPPET, o.dataset_source, o.dataset_version, DATA_DIR],
-                "env": _env(o),
+                "env": _env(o, o.pipeline_run),
                 "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}, *dataset_mounts],
             }
         ]
@@ -226,7 +227,7 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
             "name": CONTAINER,
             "image": o.image,
             "command": train_command(o),
-            "env": _env(o),
+            "env": _env(o, o.pipeline_run),
             "ports": [{"name": PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}],
             "resources": resources,
             "volumeMounts": mounts,
