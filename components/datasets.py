@@ -20,6 +20,7 @@ import yaml
 
 from components.runtime import DATA_YAML, data_yaml_of, run_yolo
 from components.sources import (
+    DATASET_MOUNT,
     SHA_PATTERN,
     check_argument,
     parse_source,
@@ -34,6 +35,7 @@ from yolo.storage import open_storage
 
 LOGGER = logging.getLogger(__name__)
 COPY_IGNORED = (".git", ".dvc", "__pycache__")
+STAGING = ".import-staging"  # dvc get's download folder inside the target, emptied into it
 SHOWN_SKIPPED = 5  # of a long list of skipped paths, name this many in the warning
 
 
@@ -80,11 +82,16 @@ def resolve_version(source: str, rev: str = "") -> str:
 
 
 def _empty_target(path: Path) -> None:
-    if path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-    elif path.exists():
-        raise RuntimeError(f"{path}: output artifact location is not empty")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Make sure the import target is an empty folder. An existing empty folder is used as it is, never
+    removed and re-created: it may be a mount point (the PyTorchJob's init container imports into an
+    emptyDir), which rmdir cannot remove (EBUSY as root, EACCES as a user who cannot write its parent)."""
+    if path.is_dir():
+        if any(path.iterdir()):
+            raise RuntimeError(f"{path}: output artifact location is not empty")
+        return
+    if path.exists():
+        raise RuntimeError(f"{path}: output artifact location is not a folder")
+    path.mkdir(parents=True)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -127,12 +134,29 @@ def copy_dataset_tree(root: Path, target: Path) -> list[str]:
 
 def _copy_local(location: str, target: Path) -> list[str]:
     root, yaml_path = _local_root(location)
-    raw = yaml.safe_load(yaml_path.read_text()) or {}
     skipped = copy_dataset_tree(root, target)
     if skipped:
         shown = ", ".join(skipped[:SHOWN_SKIPPED]) + (" ..." if len(skipped) > SHOWN_SKIPPED else "")
         LOGGER.warning("dataset source %s: skipped %d path(s): %s", location, len(skipped), shown)
-    # The copy's data.yaml points at the copy; split entries must be relative to (or inside) the root.
+    _write_rebased_yaml(root, yaml_path, target, ".")  # the copy's data.yaml points at the copy
+    return skipped
+
+
+def is_mounted(location: str) -> bool:
+    """A local source on the `--dataset-pvc` volume (mounted at DATASET_MOUNT in every data step)."""
+    root, _ = _local_root(location)
+    return _inside(root, Path(DATASET_MOUNT))
+
+
+def _reference_mounted(location: str, target: Path) -> None:
+    """A dataset on the mounted volume: the artifact is its data.yaml, pointing at the mount, no copy."""
+    root, yaml_path = _local_root(location)
+    _write_rebased_yaml(root, yaml_path, target, str(root))
+
+
+def _write_rebased_yaml(root: Path, yaml_path: Path, target: Path, new_path: str) -> None:
+    """target/data.yaml: the source's, with `path: new_path`; split entries relative to (or inside) root."""
+    raw = yaml.safe_load(yaml_path.read_text()) or {}
     for split in ("train", "val", "test"):
         entries = raw.get(split)
         if entries is None:
@@ -150,9 +174,8 @@ def _copy_local(location: str, target: Path) -> list[str]:
                     ) from None
             fixed.append(p.as_posix())
         raw[split] = fixed if isinstance(entries, list) else fixed[0]
-    raw["path"] = "."
+    raw["path"] = new_path
     (target / DATA_YAML).write_text(yaml.safe_dump(raw, sort_keys=False))
-    return skipped
 
 
 def _download_s3(uri: str, target: Path) -> int:
@@ -166,7 +189,6 @@ def _download_s3(uri: str, target: Path) -> int:
                 "(empty, '.' or '..' segments); refusing to import it"
             )
         check_argument(f"dataset source {redact(uri)}: object key", key)
-    target.mkdir(parents=True)
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda key: storage.get(key, target / key), keys))
     return len(keys)
@@ -185,6 +207,9 @@ def import_data(source: str, version: str, dataset) -> dict[str, Any]:
     metadata: dict[str, Any] = {"source": redact(source), "version": version, "data_yaml": DATA_YAML}
     if parsed.kind == "sample":
         run_yolo("sample-data", ["--out", target, *sample_args(parsed.location)])
+    elif parsed.kind == "local" and is_mounted(parsed.location):
+        _reference_mounted(parsed.location, target)
+        metadata["mounted"] = DATASET_MOUNT
     elif parsed.kind == "local":
         skipped = _copy_local(parsed.location, target)
         if skipped:
@@ -199,18 +224,28 @@ def import_data(source: str, version: str, dataset) -> dict[str, Any]:
         commit = version
         metadata.update(commit=commit, path=parsed.path_in_repo)
         # The repository and path come after `--`: never options, whatever they hold (parse_source checked).
-        argv = [_dvc_executable(), "get", "--rev", commit, "-o", str(target), "--"]
+        # `dvc get -o` wants a path that does not exist yet, and the target may be a mount point: fetch
+        # into a folder inside it, then move the dataset's entries up (a rename on the same filesystem).
+        staging = target / STAGING
+        argv = [_dvc_executable(), "get", "--rev", commit, "-o", str(staging / "dataset"), "--"]
         argv += [parsed.location, parsed.path_in_repo]
         result = subprocess.run(argv, capture_output=True, text=True, check=False, env=tool_environment())
         if result.returncode != 0:
             detail = redact(result.stderr.strip()[-2000:])
             raise RuntimeError(f"dvc get failed ({result.returncode}): {detail}")
+        fetched = staging / "dataset"
+        if not fetched.is_dir():
+            raise UserError(f"dataset source {redact(source)}: {parsed.path_in_repo} is not a folder")
+        for entry in fetched.iterdir():
+            entry.rename(target / entry.name)
+        shutil.rmtree(staging)
     yaml_path = data_yaml_of(target)
     if not yaml_path.is_file():
         candidates = sorted(target.glob("*.yaml"))
         if len(candidates) != 1:
             raise UserError(f"dataset source {redact(source)}: expected {DATA_YAML} at the top of the dataset")
         metadata["data_yaml"] = candidates[0].name
-    metadata["files"] = sum(1 for p in target.rglob("*") if p.is_file())
+    if "mounted" not in metadata:  # a mounted dataset's files stay on its volume
+        metadata["files"] = sum(1 for p in target.rglob("*") if p.is_file())
     dataset.metadata.update(metadata)
     return metadata

@@ -23,6 +23,7 @@ from typing import Any
 from components.params import check_train_extra_args
 from components.registry import MODEL_FILE, current_model
 from components.sources import redact
+from yolo.engine.lease import PIPELINE_RUN_ENV
 from yolo.storage import open_storage
 
 LOGGER = logging.getLogger(__name__)
@@ -44,20 +45,23 @@ def run_yolo(
     gpus: int = 0,
     allowed_exit_codes: tuple[int, ...] = (0,),
     forward_signals: bool = False,
+    env: dict[str, str] | None = None,
 ) -> int:
-    """Run one yolo step as a child process (its log streams to the pod's); raise on a failing exit."""
+    """Run one yolo step as a child process (its log streams to the pod's); raise on a failing exit.
+    `env`: variables added to this process's environment for the child."""
     argv = yolo_command(step, [str(a) for a in args], gpus)
     LOGGER.info("running: %s", redact(" ".join(argv)))
+    child_env = {**os.environ, **env} if env else None
     if forward_signals:
-        code = _run_passing_on_stop_signals(argv)
+        code = _run_passing_on_stop_signals(argv, child_env)
     else:
-        code = subprocess.run(argv, check=False).returncode
+        code = subprocess.run(argv, check=False, env=child_env).returncode
     if code not in allowed_exit_codes:
         raise RuntimeError(f"yolo {step} failed with exit code {code}")
     return code
 
 
-def _run_passing_on_stop_signals(argv: list[str]) -> int:
+def _run_passing_on_stop_signals(argv: list[str], env: dict[str, str] | None = None) -> int:
     """Run argv; a SIGTERM/SIGINT this process gets is passed on to the child, and this process waits.
 
     In a pod the trainer is a grandchild (sh -> this Python -> `python -m yolo train`). Without this, a stop
@@ -66,7 +70,7 @@ def _run_passing_on_stop_signals(argv: list[str]) -> int:
     the signal (a second copy of the same signal is harmless to it, see yolo.engine.preemption), finishes
     its step, writes and uploads last.pt and exits 143, and this step then fails with that code.
     """
-    child = subprocess.Popen(argv)
+    child = subprocess.Popen(argv, env=env)
 
     def pass_on(signum: int, _frame) -> None:
         child.send_signal(signum)
@@ -225,7 +229,10 @@ def train(
     if uri:
         args += ["--checkpoint-uri", uri]
     args += check_train_extra_args(extra_args)  # never one of the flags set above
-    run_yolo("train", args, gpus=gpus, forward_signals=True)
+    # The lease on the checkpoint folder names this pipeline run: a retry of this task takes over its own
+    # earlier attempt's lease at once; another run with the same data and parameters is refused (lease.py).
+    run_key_env = {PIPELINE_RUN_ENV: run_key} if run_key else None
+    run_yolo("train", args, gpus=gpus, forward_signals=True, env=run_key_env)
     summary = _read_json(run_dir / "train.json")
     target = Path(model.path)
     target.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,9 @@ from urllib.parse import urlsplit
 from yolo.errors import UserError
 
 SOURCE_SCHEMES = ("sample:", "dvc://", "s3://", "file://")
+# Where `--dataset-pvc` mounts its volume in every task that reads data: a local source under it is used in
+# place (import_data writes only a data.yaml pointing at it), never copied through the pipeline root.
+DATASET_MOUNT = "/mnt/dataset"
 SAMPLE_OPTIONS = ("train", "val", "imgsz", "seed")
 SHA_PATTERN = re.compile(r"^[0-9a-f]{40}$")
 GIT_URL_SCHEMES = ("https", "ssh", "file")

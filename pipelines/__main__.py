@@ -17,8 +17,15 @@ import sys
 from pathlib import Path
 
 from components.params import NAMES, PARAMETERS, check_gpus, check_parameters
-from components.sources import parse_source, redact
-from pipelines.cluster import ClusterOptions, Toleration, parse_toleration
+from components.sources import DATASET_MOUNT, parse_source, redact
+from pipelines.cluster import (
+    TASKS,
+    ClusterOptions,
+    Toleration,
+    parse_toleration,
+    task_resources_argument,
+    volume_claim_argument,
+)
 from yolo.cli import EXIT_USER_ERROR, OneLineParser
 from yolo.errors import UserError
 from yolo.files import write_text
@@ -114,6 +121,41 @@ def build_parser() -> OneLineParser:
         metavar="KEY[=VALUE][:EFFECT]",
         help="train pods only; repeatable",
     )
+    c.add_argument(
+        "--dataset-pvc",
+        type=volume_claim_argument,
+        metavar="NAME[:SUBPATH]",
+        help=f"a PVC mounted at {DATASET_MOUNT} in every data step; a dataset source under it is read in "
+        "place, not copied (mount it ReadOnlyMany)",
+    )
+    c.add_argument(
+        "--image-pull-secret",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Secret for a private registry, on every task's pod; repeatable",
+    )
+    c.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="train nodes: > 1 makes the train task launch a Training Operator PyTorchJob of NODES x --gpus",
+    )
+    c.add_argument("--namespace", default="", help="namespace of the PyTorchJob (default: the run's)")
+    c.add_argument(
+        "--service-account",
+        default="",
+        help="service account of the PyTorchJob's pods (a single-node run's is the run's: submit --service-account)",
+    )
+    c.add_argument(
+        "--resources",
+        type=task_resources_argument,
+        action="append",
+        default=[],
+        metavar="TASK:KIND=REQUEST[/LIMIT],...",
+        help=f"requests/limits of one task ({', '.join(TASKS)}); KIND cpu, memory or ephemeral-storage; "
+        "repeatable (e.g. import:memory=16Gi/16Gi,ephemeral-storage=50Gi/100Gi)",
+    )
     c.add_argument("--train-retries", type=int, default=3)
     c.add_argument("--train-cpu", default="8", help="CPU request of the train pod")
     c.add_argument("--train-memory", default="32Gi", help="memory request of the train pod")
@@ -139,9 +181,15 @@ def build_parser() -> OneLineParser:
     )
     r.add_argument("--train-retries", type=int, default=0, help="retries of a failed train step (KFP: 3)")
     _add_run_arguments(r)
-    from pipelines import katib, pytorchjob, retrain, submit  # shipping subcommands (docs/kubeflow.md)
+    from pipelines import (  # shipping subcommands (docs/kubeflow.md)
+        katib,
+        publish,
+        pytorchjob,
+        retrain,
+        submit,
+    )
 
-    for extra in (submit, retrain, pytorchjob, katib):
+    for extra in (submit, publish, retrain, pytorchjob, katib):
         extra.add_parser(sub)
     return parser
 
@@ -152,6 +200,13 @@ def _set_image(image: str | None) -> None:
         if "components.train" in sys.modules:
             raise RuntimeError("--image must be set before the component modules are imported")
         os.environ["YOLO_PIPELINE_IMAGE"] = image
+
+
+def _merged_resources(given: list[tuple[str, dict[str, str]]]) -> dict[str, dict[str, str]]:
+    merged: dict[str, dict[str, str]] = {}
+    for task, values in given:
+        merged.setdefault(task, {}).update(values)
+    return merged
 
 
 def compile_pipeline(args: argparse.Namespace) -> int:
@@ -175,13 +230,20 @@ def compile_pipeline(args: argparse.Namespace) -> int:
         train_cpu_limit=args.train_cpu_limit,
         train_memory_limit=args.train_memory_limit,
         shm_size=args.shm_size,
+        dataset_pvc=args.dataset_pvc,
+        image_pull_secrets=tuple(args.image_pull_secret),
+        nodes=args.nodes,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        task_resources=_merged_resources(args.resources),
     )
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.yaml")  # the compiler insists on a .yaml name
     compiler.Compiler().compile(build_pipeline(options), str(tmp))
     os.replace(tmp, out)
-    print(f"wrote {out} (gpus per train pod: {options.gpus}, image: {options.image})")
+    shape = f"{options.nodes} nodes x {options.gpus} GPUs (PyTorchJob)" if options.nodes > 1 else f"gpus per train pod: {options.gpus}"
+    print(f"wrote {out} ({shape}, image: {options.image})")
     return 0
 
 

@@ -28,7 +28,9 @@ import yaml
 
 from components import pipeline_image
 from components.params import check_gpus, reserved_flags_given
-from components.sources import parse_source, resolve_git_rev
+from components.sources import DATASET_MOUNT, parse_source, resolve_git_rev
+from pipelines.cluster import Resources, VolumeClaim, volume_claim_argument
+from yolo.engine.lease import PIPELINE_RUN_ENV
 from yolo.errors import UserError
 from yolo.files import write_text
 
@@ -76,6 +78,11 @@ class JobOptions:
     backoff_limit: int = 3
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
+    dataset_pvc: VolumeClaim | None = None  # mounted read-only at DATASET_MOUNT in every container
+    service_account: str = ""  # the pods' serviceAccountName (IRSA / workload identity for S3)
+    image_pull_secrets: list[str] = field(default_factory=list)
+    pipeline_run: str = ""  # the KFP run that launched the job: named in the checkpoint lease (lease.py)
+    resources: Resources | None = None  # requests and limits incl. ephemeral storage (else cpu, memory)
 
     @property
     def procs_per_node(self) -> int:
@@ -159,7 +166,8 @@ def train_command(o: JobOptions) -> list[str]:
     ]
 
 
-def _env(o: JobOptions) -> list[dict[str, Any]]:
+def _env(o: JobOptions, pipeline_run: str = "") -> list[dict[str, Any]]:
+    """The S3 secret and endpoint variables (katib.py's trials use them too), and the KFP run's id."""
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     if o.s3_secret:
         env += [
@@ -168,6 +176,8 @@ def _env(o: JobOptions) -> list[dict[str, Any]]:
         ]
     if o.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": o.s3_endpoint})
+    if pipeline_run:
+        env.append({"name": PIPELINE_RUN_ENV, "value": pipeline_run})
     return env
 
 
@@ -176,6 +186,14 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
         "requests": {"cpu": o.cpu, "memory": o.memory},
         "limits": {"memory": o.memory},
     }
+    if o.resources is not None:
+        r = o.resources
+        resources = {"requests": {"cpu": r.cpu, "memory": r.memory},
+                     "limits": {"cpu": r.cpu_limit, "memory": r.memory_limit}}  # fmt: skip
+        if r.ephemeral:
+            resources["requests"]["ephemeral-storage"] = r.ephemeral
+        if r.ephemeral_limit:
+            resources["limits"]["ephemeral-storage"] = r.ephemeral_limit
     if o.gpus > 0:
         resources["limits"]["nvidia.com/gpu"] = o.gpus
         resources["requests"]["nvidia.com/gpu"] = o.gpus
@@ -184,6 +202,14 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": o.shm_size}}
     ]
     spec: dict[str, Any] = {}
+    dataset_mounts: list[dict[str, Any]] = []
+    if o.dataset_pvc is not None:
+        claim = {"claimName": o.dataset_pvc.name, "readOnly": True}
+        volumes.append({"name": "dataset", "persistentVolumeClaim": claim})
+        dataset_mounts.append({"name": "dataset", "mountPath": DATASET_MOUNT, "readOnly": True})
+        if o.dataset_pvc.sub_path:
+            dataset_mounts[0]["subPath"] = o.dataset_pvc.sub_path
+        mounts += dataset_mounts
     if o.dataset_source:
         mounts.append({"name": "data", "mountPath": DATA_DIR})
         volumes.append({"name": "data", "emptyDir": {}})
@@ -192,8 +218,8 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
                 "name": "import-data",
                 "image": o.image,
                 "command": ["python", "-c", IMPORT_SNIPPET, o.dataset_source, o.dataset_version, DATA_DIR],
-                "env": _env(o),
-                "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
+                "env": _env(o, o.pipeline_run),
+                "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}, *dataset_mounts],
             }
         ]
     spec["containers"] = [
@@ -201,7 +227,7 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
             "name": CONTAINER,
             "image": o.image,
             "command": train_command(o),
-            "env": _env(o),
+            "env": _env(o, o.pipeline_run),
             "ports": [{"name": PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}],
             "resources": resources,
             "volumeMounts": mounts,
@@ -212,6 +238,10 @@ def _pod_template(o: JobOptions) -> dict[str, Any]:
         spec["nodeSelector"] = dict(o.node_selector)
     if o.tolerations:
         spec["tolerations"] = list(o.tolerations)
+    if o.service_account:
+        spec["serviceAccountName"] = o.service_account
+    if o.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": name} for name in o.image_pull_secrets]
     return {
         "metadata": {"labels": {"app.kubernetes.io/name": "yolo-pipeline", "yolo-pipeline/job": o.name}},
         "spec": spec,
@@ -304,6 +334,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--toleration", type=_toleration, action="append", default=[], metavar="KEY[=VALUE][:EFFECT]"
     )
+    p.add_argument(
+        "--dataset-pvc",
+        type=volume_claim_argument,
+        metavar="NAME[:SUBPATH]",
+        help=f"a PVC with datasets, mounted read-only at {DATASET_MOUNT} in every pod",
+    )
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `yolo train` arguments")
     p.set_defaults(handler=run)
 
@@ -341,6 +377,7 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
         backoff_limit=args.backoff_limit,
         node_selector=dict(args.node_selector),
         tolerations=list(args.toleration),
+        dataset_pvc=args.dataset_pvc,
     )
 
 

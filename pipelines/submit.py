@@ -40,8 +40,10 @@ from yolo.errors import UserError, did_you_mean
 
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
 TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # the kfp SDK's own variable: a file holding the token
+TOKEN_ENV = "KFP_TOKEN"  # a token in the environment (CI): never on a command line
 UI_HOST_ENV = "KF_PIPELINES_UI_ENDPOINT"  # the kfp SDK's own variable for run links
 DEFAULT_EXPERIMENT = "yolo-pipeline"
+PIPELINE_NAME = "yolo-training"  # pipelines.training.PIPELINE_NAME (not imported: it would import kfp)
 REPO_ROOT = Path(__file__).resolve().parents[1]  # holds the `pipelines` package (for the compile child)
 FINISHED_STATES = ("SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "CANCELLED")
 
@@ -60,6 +62,11 @@ CLUSTER_KEYS = (
     "train_cpu_limit",
     "train_memory_limit",
     "shm_size",
+    "dataset_pvc",
+    "image_pull_secrets",
+    "nodes",
+    "service_account",
+    "resources",
 )
 DEFAULT_GPUS = 1  # `compile`'s default
 PARAMS_FILE_KEYS = ("experiment", "namespace", "cluster", "parameters")
@@ -124,12 +131,33 @@ def load_params_file(path: str | os.PathLike) -> ParamsFile:
     )
 
 
+PLACEHOLDER = re.compile(r"<[A-Za-z][A-Za-z0-9 _.-]*>")  # `<BUCKET>`: a template value left unfilled
+
+
+def check_filled(params_file: ParamsFile, values: dict[str, Any]) -> None:
+    """UserError (one line) when a value still holds a template placeholder such as `<BUCKET>`.
+
+    pipelines/production.yaml ships as a template: a run submitted with `s3://<BUCKET>/...` would get as
+    far as the train step before failing; this stops it before anything is compiled or sent."""
+    for key, value in values.items():
+        texts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        for text in texts:
+            found = PLACEHOLDER.search(str(text)) if isinstance(text, str) else None
+            if found:
+                where = f"{params_file.path}: " if params_file.path else ""
+                raise UserError(
+                    f"{where}`{key.replace('_', '-')}` still holds the template placeholder {found[0]}: "
+                    "fill in every <...> of the params file (or give the flag)"
+                )
+
+
 @dataclass
 class SubmitRequest:
     """Everything one submission needs; `submit()` does the work."""
 
     host: str
     token: str | None = None
+    token_file: str | None = None  # re-read before every request
     image: str | None = None
     experiment: str | None = None
     namespace: str | None = None
@@ -142,6 +170,8 @@ class SubmitRequest:
     wait_timeout: float = 3 * 24 * 3600.0
     poll_interval: float = 30.0
     connect_timeout: float = 5.0
+    pipeline: str = PIPELINE_NAME  # with pipeline_version: the stored pipeline to run
+    pipeline_version: str | None = None  # run this uploaded version instead of compiling
 
 
 @dataclass
@@ -154,20 +184,74 @@ class SubmitResult:
     state: str | None = None  # with --wait: the final state
 
 
-def read_token(token: str | None) -> str | None:
-    """--token, else the file named by KF_PIPELINES_SA_TOKEN_PATH, else None (no Authorization header)."""
+def token_file(given: str | os.PathLike | None) -> Path | None:
+    """The token file: --token-file, else the one $KF_PIPELINES_SA_TOKEN_PATH names, else None."""
+    path = given or os.environ.get(TOKEN_PATH_ENV)
+    return Path(path) if path else None
+
+
+def read_token_file(path: Path) -> str:
+    """The token in `path` now (a projected token is rotated by the kubelet: read it again per request)."""
+    try:
+        value = path.read_text().strip()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the token file ({e.strerror})") from None
+    if not value:
+        raise UserError(f"{path}: the token file is empty")
+    return value
+
+
+def read_token(token: str | None, token_file_path: str | os.PathLike | None = None) -> str | None:
+    """The bearer token now: --token-file, else --token, else $KFP_TOKEN, else the file
+    $KF_PIPELINES_SA_TOKEN_PATH names, else None (no Authorization header)."""
+    if token_file_path:
+        return read_token_file(Path(token_file_path))
     if token:
         return token.strip()
-    path = os.environ.get(TOKEN_PATH_ENV)
-    if not path:
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip()
+    path = token_file(None)
+    return read_token_file(path) if path else None
+
+
+def token_path(request: SubmitRequest) -> Path | None:
+    """The file the token comes from (read_token's order), or None when it is not from a file."""
+    if request.token_file:
+        return Path(request.token_file)
+    if request.token or os.environ.get(TOKEN_ENV, "").strip():
         return None
-    try:
-        value = Path(path).read_text().strip()
-    except OSError as e:
-        raise UserError(f"{TOKEN_PATH_ENV}={path}: cannot read the token file ({e.strerror})") from None
-    if not value:
-        raise UserError(f"{TOKEN_PATH_ENV}={path}: the token file is empty")
-    return value
+    return token_file(None)
+
+
+@contextlib.contextmanager
+def quiet_kfp():
+    """kfp prints its own links and a FutureWarning: stdout is for our results, stderr for one-line errors."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def kfp_client(request: SubmitRequest, token: str | None):
+    """kfp.Client for the request. A token from a file is read again before every request (a projected
+    service-account token is rotated by the kubelet); any other token is sent as read once."""
+    import kfp
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+    kwargs: dict[str, Any] = {"namespace": request.namespace} if request.namespace else {}
+    path = token_path(request)
+    if path is not None:
+        kwargs["credentials"] = ServiceAccountTokenVolumeCredentials(path=str(path))
+    else:
+        kwargs["existing_token"] = token
+    with quiet_kfp():
+        return kfp.Client(host=request.host.rstrip("/"), **kwargs)
+
+
+def api_errors() -> tuple[type[BaseException], ...]:
+    import kfp_server_api
+    import urllib3
+
+    return (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
 
 
 # ------------------------------------------------------------------------------------------- image
@@ -287,6 +371,12 @@ def _cluster_args(cluster: dict[str, Any]) -> list[str]:
         elif key == "tolerations":
             for t in [value] if isinstance(value, str) else value:
                 args += ["--toleration", check_argument("cluster toleration", str(t))]
+        elif key == "resources":
+            for spec in [value] if isinstance(value, str) else value:
+                args += ["--resources", check_argument("cluster resources", str(spec))]
+        elif key == "image_pull_secrets":
+            for name in [value] if isinstance(value, str) else value:
+                args += ["--image-pull-secret", check_argument("cluster image_pull_secret", str(name))]
         else:
             args += [flag(key), check_argument(f"cluster {key}", str(value))]
     return args
@@ -313,6 +403,58 @@ def root_parameters(package: Path) -> dict[str, dict[str, Any]]:
     with package.open() as f:
         spec = next(yaml.safe_load_all(f))
     return spec["root"]["inputDefinitions"]["parameters"]
+
+
+# ------------------------------------------------------------------------------------ backend version
+# What a compiled pipeline needs from the KFP backend, found in its IR: (version, feature, why).
+RETRY_NEEDS = ((2, 5, 0), "the train task's retry policy", "older backends never turn it into an Argo retry")
+OPTIONAL_SECRET_NEEDS = (
+    (2, 15, 0),
+    "the optional S3 secret",
+    "older backends ignore `optional` and leave pods without the secret in CreateContainerConfigError",
+)
+
+
+def backend_requirements(package: Path) -> list[tuple[tuple[int, int, int], str, str]]:
+    """The backend features the compiled pipeline uses, each with the first KFP release that honours it."""
+    with package.open() as f:
+        docs = list(yaml.safe_load_all(f))
+    needs = []
+    tasks = docs[0].get("root", {}).get("dag", {}).get("tasks", {})
+    if any("retryPolicy" in task for task in tasks.values()):
+        needs.append(RETRY_NEEDS)
+    platform = docs[1] if len(docs) > 1 and isinstance(docs[1], dict) else {}
+    executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+    if any(s.get("optional") for e in executors.values() for s in e.get("secretAsEnv", [])):
+        needs.append(OPTIONAL_SECRET_NEEDS)
+    return needs
+
+
+def backend_version(health: dict[str, Any]) -> tuple[int, int, int] | None:
+    """healthz's `tag_name` (e.g. 2.15.0, v2.15.0, 2.15.0-rc.1) as numbers; None for a dev build or none."""
+    match = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", str(health.get("tag_name") or ""))
+    if not match:
+        return None
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
+def check_backend(host: str, health: dict[str, Any], package: Path) -> str | None:
+    """UserError (one line) when the backend is older than the pipeline needs; a warning when unknown."""
+    needs = backend_requirements(package)
+    if not needs:
+        return None
+    version, feature, why = max(needs)
+    wanted = ".".join(map(str, version))
+    have = backend_version(health)
+    if have is None:
+        return (f"warning: {redact(host)} did not say its KFP version (healthz tag_name "
+                f"{health.get('tag_name')!r}); this pipeline needs >= {wanted} for {feature}")
+    if have < version:
+        raise UserError(
+            f"{host}: KFP backend {'.'.join(map(str, have))} is older than {wanted}, which this pipeline "
+            f"needs for {feature} ({why}); upgrade KFP, or compile without it"
+        )
+    return None
 
 
 def _typed(name: str, text: str, kind: str) -> Any:
@@ -406,63 +548,113 @@ def _run_url(host: str, run_id: str) -> str:
     return redact(f"{(os.environ.get(UI_HOST_ENV) or host).rstrip('/')}/#/runs/details/{run_id}")
 
 
-def submit(request: SubmitRequest, log=print) -> SubmitResult:
-    """Check the host, compile for the image, check and type the parameters, create the run."""
-    token = read_token(request.token)
+def connect(request: SubmitRequest) -> tuple[str | None, dict[str, Any]]:
+    """The token and the host's healthz answer; UserError (one line) for anything that would fail later."""
+    token = read_token(request.token, request.token_file)
     warning = check_token_transport(request.host, token, request.insecure)
     if warning:
         print(warning, file=sys.stderr)
-    image = effective_image(request.image)
-    split_image(image)
     health = check_host(request.host, token, request.connect_timeout)
     if health.get("multi_user") is True and not request.namespace:
         raise UserError(
             f"{request.host}: multi-user Kubeflow Pipelines: pass --namespace (your profile namespace) "
             "or set `namespace:` in the params file"
         )
+    return token, health
+
+
+def checked_image(image: str | None) -> str:
+    image = effective_image(image)
+    split_image(image)
     if not is_pinned(image):
         print(
             f"warning: image {image} is not pinned by a tag or digest: the run may not use the tested code",
             file=sys.stderr,
         )
-    gpus = request.cluster.get("gpus")
-    gpus = DEFAULT_GPUS if gpus is None else int(gpus)
-    with tempfile.TemporaryDirectory(prefix="yolo-submit-") as tmp:
-        package = Path(tmp) / "pipeline.yaml"
+    return image
+
+
+@dataclass
+class Target:
+    """What a run or schedule starts: a package compiled now, or a stored pipeline version (its spec
+    written to `package` so both are checked alike)."""
+
+    package: Path
+    image: str
+    pipeline_id: str | None = None
+    version_id: str | None = None
+
+
+def prepare_target(request: SubmitRequest, token, health, folder: Path) -> Target:
+    """Compile for the image, or fetch the stored version; then the backend check."""
+    package = folder / "pipeline.yaml"
+    if request.pipeline_version:
+        client = kfp_client(request, token)
+        pipeline_id, version = find_version(client, request, token)
+        write_stored_spec(version.pipeline_spec, package)
+        target = Target(package, image=package_image(package), pipeline_id=pipeline_id,
+                        version_id=version.pipeline_version_id)  # fmt: skip
+    else:
+        image = checked_image(request.image)
         compile_package(package, request.image, request.cluster)
-        values = merge_parameters(root_parameters(package), request)
+        target = Target(package, image=image)
+    warning = check_backend(request.host, health, package)
+    if warning:
+        print(warning, file=sys.stderr)
+    return target
+
+
+def checked_values(request: SubmitRequest, package: Path, log, pin_rev: bool = True) -> dict[str, Any]:
+    """The run's parameters: merged, typed by the spec, the dvc rev pinned to a SHA, checked."""
+    values = merge_parameters(root_parameters(package), request)
+    if pin_rev:
         note = resolve_dataset_rev(values)
         if note:
             log(note)
-        check_values(values, gpus)
+    gpus = request.cluster.get("gpus")
+    check_values(values, DEFAULT_GPUS if gpus is None else int(gpus))
+    if int(request.cluster.get("nodes") or 1) > 1 and not values.get("checkpoint_root"):
+        raise UserError("--nodes > 1 needs --checkpoint-root: the PyTorchJob's nodes resume from it, and the "
+                        "model is handed on from it")  # fmt: skip
+    return values
+
+
+def submit(request: SubmitRequest, log=print) -> SubmitResult:
+    """Check the host, compile for the image (or fetch the stored version), check the parameters, run."""
+    token, health = connect(request)
+    with tempfile.TemporaryDirectory(prefix="yolo-submit-") as tmp:
+        target = prepare_target(request, token, health, Path(tmp))
+        values = checked_values(request, target.package, log)
         experiment = request.experiment or DEFAULT_EXPERIMENT
-        run_name = request.run_name or f"yolo-training {image.rsplit('/', 1)[-1]}"
-        run_id, state = _create_run(request, token, package, values, experiment, run_name)
+        run_name = request.run_name or f"yolo-training {target.image.rsplit('/', 1)[-1]}"
+        run_id, state = _create_run(request, token, target, values, experiment, run_name)
     url = _run_url(request.host, run_id)
     return SubmitResult(
-        run_id=run_id, url=url, experiment=experiment, image=image, parameters=values, state=state
+        run_id=run_id, url=url, experiment=experiment, image=target.image, parameters=values, state=state
     )
 
 
-def _create_run(request: SubmitRequest, token, package: Path, values, experiment: str, run_name: str):
-    import kfp
-    import kfp_server_api
-    import urllib3
-
-    errors = (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
-    # kfp prints its own links and a FutureWarning: stdout is for the run id and URL, stderr for one-line errors.
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+def _create_run(request: SubmitRequest, token, target: Target, values, experiment: str, run_name: str):
+    errors = api_errors()
+    service_account = request.cluster.get("service_account") or None
+    with quiet_kfp():
         try:
-            kwargs = {"namespace": request.namespace} if request.namespace else {}
-            client = kfp.Client(host=request.host.rstrip("/"), existing_token=token, **kwargs)
-            result = client.create_run_from_pipeline_package(
-                str(package),
-                arguments=values,
-                run_name=run_name,
-                experiment_name=experiment,
-                namespace=request.namespace,
-            )
+            client = kfp_client(request, token)
+            if target.version_id:
+                experiment_id = client.create_experiment(experiment, namespace=request.namespace).experiment_id
+                result = client.run_pipeline(
+                    experiment_id, run_name, params=values, pipeline_id=target.pipeline_id,
+                    version_id=target.version_id, service_account=service_account,
+                )  # fmt: skip
+            else:
+                result = client.create_run_from_pipeline_package(
+                    str(target.package),
+                    arguments=values,
+                    run_name=run_name,
+                    experiment_name=experiment,
+                    namespace=request.namespace,
+                    service_account=service_account,
+                )
         except errors as e:
             raise _api_error(e, request.host, token) from None
         run_id = result.run_id
@@ -481,6 +673,51 @@ def _create_run(request: SubmitRequest, token, package: Path, values, experiment
         return run_id, str(run.state or "UNKNOWN").upper()
 
 
+# --------------------------------------------------------------------------- stored pipeline versions
+def _name_filter(name: str) -> str:
+    return json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+
+
+def find_pipeline(client, request: SubmitRequest) -> str | None:
+    """The id of the pipeline named request.pipeline in the namespace, or None."""
+    found = client.list_pipelines(filter=_name_filter(request.pipeline), namespace=request.namespace).pipelines
+    if found and len(found) > 1:
+        raise UserError(f"{request.host}: {len(found)} pipelines are named {request.pipeline!r}")
+    return found[0].pipeline_id if found else None
+
+
+def find_version(client, request: SubmitRequest, token):
+    """(pipeline id, the stored version) of --pipeline / --pipeline-version; UserError if either is missing."""
+    try:
+        pipeline_id = find_pipeline(client, request)
+        if pipeline_id is None:
+            raise UserError(f"{request.host}: no pipeline named {request.pipeline!r} "
+                            "(upload it: python -m pipelines upload --name NAME --version VERSION)")  # fmt: skip
+        versions = client.list_pipeline_versions(pipeline_id, filter=_name_filter(request.pipeline_version))
+    except api_errors() as e:
+        raise _api_error(e, request.host, token) from None
+    found = versions.pipeline_versions or []
+    if not found:
+        raise UserError(f"{request.host}: pipeline {request.pipeline!r} has no version {request.pipeline_version!r}")
+    return pipeline_id, found[0]
+
+
+def write_stored_spec(spec: Any, package: Path) -> None:
+    """A stored version's spec as a package file: the PipelineSpec, and the PlatformSpec when it has one
+    (the API returns {pipeline_spec, platform_spec} for a package of two documents)."""
+    if not isinstance(spec, dict):
+        raise UserError("the stored pipeline version has no pipeline spec")
+    docs = [spec["pipeline_spec"], spec.get("platform_spec") or {}] if "pipeline_spec" in spec else [spec]
+    package.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def package_image(package: Path) -> str:
+    with package.open() as f:
+        pipeline = next(yaml.safe_load_all(f))
+    images = sorted({e.get("container", {}).get("image", "") for e in pipeline["deploymentSpec"]["executors"].values()})
+    return ", ".join(filter(None, images)) or "?"
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def _name_value(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
@@ -493,7 +730,14 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--host", required=True, help="KFP API root, e.g. http://localhost:8888 or https://KF/pipeline"
     )
-    p.add_argument("--token", help=f"bearer token (default: the file ${TOKEN_PATH_ENV} names, if set)")
+    p.add_argument(
+        "--token",
+        help=f"bearer token; prefer ${TOKEN_ENV} or --token-file (a command line is visible to every process)",
+    )
+    p.add_argument(
+        "--token-file",
+        help=f"file holding the bearer token, read again before every request (default: ${TOKEN_PATH_ENV})",
+    )
     p.add_argument(
         "--namespace", help="profile namespace (multi-user Kubeflow; default: the params file's `namespace`)"
     )
@@ -529,6 +773,15 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-cpu-limit")
     g.add_argument("--train-memory-limit")
     g.add_argument("--shm-size")
+    g.add_argument("--dataset-pvc", metavar="NAME[:SUBPATH]", help="PVC with datasets (see compile --help)")
+    g.add_argument("--image-pull-secret", action="append", metavar="NAME", help="registry Secret; repeatable")
+    g.add_argument("--nodes", type=int, help="train nodes (> 1: a PyTorchJob launched by the train task)")
+    g.add_argument("--resources", action="append", metavar="TASK:KIND=REQUEST[/LIMIT],...",
+                   help="one task's requests/limits (see compile --help); repeatable")  # fmt: skip
+    g.add_argument(
+        "--service-account",
+        help="service account the run's pods (and a PyTorchJob's) run as: IRSA / workload identity for S3",
+    )
     r = p.add_argument_group("pipeline parameters")
     for parameter in PARAMETERS:
         r.add_argument(
@@ -549,6 +802,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--params-file", type=Path, help="YAML with experiment/cluster/parameters (see production.yaml)"
     )
+    v = p.add_argument_group("stored pipeline (instead of compiling one now)")
+    v.add_argument("--pipeline", default=PIPELINE_NAME, help=f"uploaded pipeline's name (default {PIPELINE_NAME})")
+    v.add_argument("--pipeline-version", help="run this uploaded version of --pipeline (see `upload`)")
 
 
 def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None = None) -> SubmitRequest:
@@ -567,16 +823,26 @@ def request_from_args(args: argparse.Namespace, params_file: ParamsFile | None =
         "train_cpu_limit": args.train_cpu_limit,
         "train_memory_limit": args.train_memory_limit,
         "shm_size": args.shm_size,
+        "dataset_pvc": args.dataset_pvc,
+        "image_pull_secrets": args.image_pull_secret,
+        "nodes": args.nodes,
+        "service_account": args.service_account,
+        "resources": args.resources,
     }
     cluster.update({k: v for k, v in flag_cluster.items() if v is not None})
     parameters = dict(params_file.parameters)
     parameters.update({n: getattr(args, n) for n, _ in PIPELINE_FLAGS if getattr(args, n) is not None})
+    namespace = args.namespace or params_file.namespace
+    check_filled(params_file, {"namespace": namespace, **cluster, **parameters})
     return SubmitRequest(
         host=args.host,
         token=args.token,
+        token_file=args.token_file,
+        pipeline=args.pipeline,
+        pipeline_version=args.pipeline_version,
         image=args.image,
         experiment=args.experiment or params_file.experiment,
-        namespace=args.namespace or params_file.namespace,
+        namespace=namespace,
         run_name=args.run_name,
         cluster=cluster,
         parameters=parameters,

@@ -1,9 +1,10 @@
-"""A loopback stand-in of the Kubernetes API for one custom resource: create and get of Katib Experiments.
+"""A loopback stand-in of the Kubernetes API for custom resources: create, get and delete of Katib
+Experiments and Training Operator PyTorchJobs.
 
-The `kubernetes` client's CustomObjectsApi makes, for create_namespaced_custom_object and
-get_namespaced_custom_object:
-  POST /apis/{group}/{version}/namespaces/{ns}/{plural}          (201 + the stored object; 409 if it exists)
-  GET  /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}   (200 + the object; 404 if there is none)
+The `kubernetes` client's CustomObjectsApi makes, for create_, get_ and delete_namespaced_custom_object:
+  POST   /apis/{group}/{version}/namespaces/{ns}/{plural}          (201 + the object; 409 if it exists)
+  GET    /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}   (200 + the object; 404 if there is none)
+  DELETE /apis/{group}/{version}/namespaces/{ns}/{plural}/{name}   (200 + a Success Status; 404 if none)
 Errors are Kubernetes `Status` objects, as the real API server answers. `progress` lets a test play the
 controller: it is called with the stored object on every GET and may change its status.
 """
@@ -34,6 +35,7 @@ class KubeStandIn:
     objects: dict[tuple[str, str, str], dict] = field(default_factory=dict)  # (plural, ns, name) -> object
     requests: list[Recorded] = field(default_factory=list)
     progress: Callable[[dict, int], None] | None = None  # (object, GET count) -> None
+    deleted: list[tuple[str, str, str]] = field(default_factory=list)  # (plural, ns, name) of each DELETE
     gets: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
@@ -114,6 +116,17 @@ def start(state: KubeStandIn | None = None) -> KubeStandIn:
                     state.progress(obj, state.gets)
                 obj = json.loads(json.dumps(obj))
             self._reply(200, obj)
+
+        def do_DELETE(self) -> None:  # noqa: N802 - http.server API
+            m, _ = self._record()
+            if m is None or not m["name"]:
+                return self._reply(404, _status(404, "NotFound", f"no route for DELETE {self.path}"))
+            key = (m["plural"], m["ns"], m["name"])
+            with state.lock:
+                if state.objects.pop(key, None) is None:
+                    return self._reply(404, _status(404, "NotFound", f'{m["plural"]} "{m["name"]}" not found'))
+                state.deleted.append(key)
+            self._reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200})
 
     state.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=state.server.serve_forever, daemon=True).start()

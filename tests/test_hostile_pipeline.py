@@ -385,7 +385,7 @@ def test_every_flag_the_train_step_sets_is_reserved(tmp_path, monkeypatch):
     """The reserved list cannot fall behind the step: every flag it passes to `yolo train` is on it."""
     seen: list[list[str]] = []
 
-    def run_yolo(step, args, gpus=0, allowed_exit_codes=(0,), forward_signals=False):
+    def run_yolo(step, args, gpus=0, allowed_exit_codes=(0,), **_options):
         seen.append([str(a) for a in args])
         raise RuntimeError("stop here")
 

@@ -11,6 +11,12 @@ holder is a process on this host that no longer exists. A KFP retry of a killed 
 identity as the lease it finds: it waits up to one TTL for that lease to lapse instead of failing (the
 pipeline's retry back-off is 60 s, so usually it has lapsed already). A run that loses its lease (it
 stalled past the TTL and another writer took over) stops at its next checkpoint.
+
+Under a pipeline, the holder also names its pipeline run (`$YOLO_PIPELINE_RUN`, the KFP run id the train
+component passes on). A lease held by the same pipeline run is an earlier attempt of this very task — KFP
+starts a retry only after the previous pod ended — and is taken over at once. A lease held by another
+pipeline run (a concurrent run with the same data and parameters, same run identity, same folder) is waited
+for up to one TTL, as it may be a lost pod's, then refused naming that run.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from yolo.storage import Storage
 
 LOG = logging.getLogger(__name__)
 DEFAULT_TTL_S = 60.0
+PIPELINE_RUN_ENV = "YOLO_PIPELINE_RUN"  # the orchestrator's run id (KFP), set by the train component
 
 
 def lease_ttl() -> float:
@@ -52,10 +59,12 @@ class Holder:
     out: str
     since: float
     expires: float
+    pipeline_run: str = ""  # the KFP run this writer belongs to ("" outside a pipeline)
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.since))
-        return f"run {self.run_id} (pid {self.pid} on {self.host}, writing {self.out}, since {started} UTC)"
+        of = f" of pipeline run {self.pipeline_run}" if self.pipeline_run else ""
+        return f"run {self.run_id}{of} (pid {self.pid} on {self.host}, writing {self.out}, since {started} UTC)"
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -66,9 +75,13 @@ class Holder:
         try:
             doc: Any = json.loads(data.decode("utf-8"))
             return cls(run_id=str(doc["run_id"]), host=str(doc["host"]), pid=int(doc["pid"]),
-                       out=str(doc["out"]), since=float(doc["since"]), expires=float(doc["expires"]))
+                       out=str(doc["out"]), since=float(doc["since"]), expires=float(doc["expires"]),
+                       pipeline_run=str(doc.get("pipeline_run") or ""))
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             return None
+
+    def is_this_process(self) -> bool:
+        return self.host == socket.gethostname() and self.pid == os.getpid()
 
     def is_stale(self, now: float) -> bool:
         if now >= self.expires:
@@ -91,10 +104,12 @@ def _process_alive(pid: int) -> bool:
 class Lease:
     """The lease on one storage root; `acquire()` or refuse, `release()` at the end (also on errors)."""
 
-    def __init__(self, storage: Storage, run_id: str, out: str, ttl: float | None = None) -> None:
+    def __init__(self, storage: Storage, run_id: str, out: str, ttl: float | None = None,
+                 pipeline_run: str | None = None) -> None:
         self.storage = storage
         self.run_id = run_id
         self.out = out
+        self.pipeline_run = os.environ.get(PIPELINE_RUN_ENV, "") if pipeline_run is None else pipeline_run
         self.ttl = lease_ttl() if ttl is None else ttl
         self.since = time.time()
         self._tag: str | None = None
@@ -104,7 +119,12 @@ class Lease:
 
     def _holder(self) -> Holder:
         return Holder(run_id=self.run_id, host=socket.gethostname(), pid=os.getpid(), out=self.out,
-                      since=self.since, expires=time.time() + self.ttl)
+                      since=self.since, expires=time.time() + self.ttl, pipeline_run=self.pipeline_run)
+
+    def _earlier_attempt(self, holder: Holder) -> bool:
+        """The holder is a previous attempt of this task in the same pipeline run (its pod has ended)."""
+        same_run = bool(self.pipeline_run) and holder.pipeline_run == self.pipeline_run
+        return same_run and holder.run_id == self.run_id and not holder.is_this_process()
 
     def acquire(self) -> Lease:
         """Take the lease, take over a stale one, wait out one of our own run, or raise UserError."""
@@ -118,10 +138,12 @@ class Lease:
                 continue  # released between our two calls
             data, old_tag = current
             holder = Holder.from_bytes(data)
-            if holder is None or holder.is_stale(time.time()):
+            earlier = holder is not None and self._earlier_attempt(holder)
+            if holder is None or earlier or holder.is_stale(time.time()):
                 tag = self.storage.replace_lease(self._holder().to_bytes(), old_tag)
                 if tag is not None:
-                    LOG.warning(f"took over the stale lease on {self.storage.uri} from "
+                    what = "an earlier attempt's" if earlier else "the stale"
+                    LOG.warning(f"took over {what} lease on {self.storage.uri} from "
                                 f"{holder.describe() if holder else 'an unreadable holder'}")
                     break
                 continue  # someone else changed it first: look again
