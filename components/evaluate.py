@@ -16,7 +16,7 @@ def evaluate(
     confusion: Output[ClassificationMetrics],
     imgsz: int = 640,
     batch_size: int = 32,
-    min_map50: float = 0.0,
+    min_map50: float = 0.5,
     registry_uri: str = "",
     model_name: str = "yolov5",
 ) -> bool:

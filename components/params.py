@@ -157,7 +157,9 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter(
         "registry_uri", str, "", "model registry: s3://bucket/prefix or a folder ('' = none)", _location
     ),
-    Parameter("min_map50", float, 0.0, "promotion gate: the least mAP50 (0 = no floor)", _fraction),
+    Parameter(
+        "min_map50", float, 0.5, "promotion floor: the least mAP50 to promote (0 accepts any finite model)", _fraction
+    ),
     Parameter("max_bad_fraction", float, 0.05, "validate fails above this share of bad images", _fraction),
     Parameter("model_name", str, "yolov5", "registry name: models/<name>/v<N>/", _model_name),
     Parameter(

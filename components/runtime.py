@@ -287,8 +287,8 @@ def evaluate(
         "--data-version",
         dataset.metadata.get("version", ""),
     ]
-    if min_map50 > 0:
-        args += ["--min-map50", min_map50]
+    # always a floor: evaluate with no criterion never promotes (0 is a floor that accepts any finite model)
+    args += ["--min-map50", min_map50]
     current = current_model(registry_uri, model_name)
     if current is not None:
         baseline = (

@@ -56,14 +56,14 @@ def _add_cluster_arguments(p: argparse.ArgumentParser, default_gpus: int) -> Non
     )
 
 
-# run-local's defaults where they differ from the pipeline's: tiny, seconds on a laptop CPU. The checkpoint
+# run-local's defaults where they differ from the pipeline's: `make run`'s training, minutes on a laptop CPU. The checkpoint
 # root and the registry default to folders under --pipeline-root.
 RUN_LOCAL_DEFAULTS = {
-    "dataset_source": "sample:train=32,val=16,imgsz=128",
-    "epochs": 1,
+    "dataset_source": "sample:",  # as `make run`: 384 train / 96 val images at 128 px
+    "epochs": 60,  # yolov5n from scratch reaches mAP50 > 0.5 here (params.yaml's measurements), in minutes
     "imgsz": 128,
-    "batch_size": 8,
-    "workers": 0,
+    "batch_size": 16,
+    "workers": 2,
     "model_name": "yolov5n-sample",
     "checkpoint_root": None,
     "registry_uri": None,
@@ -293,6 +293,8 @@ def run_local(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     write_text(root / "last-run.json", text)  # for scripts and tests: stdout also carries kfp.local logs
     print(text, end="")
+    verdict = f"promoted as {report['current_version']}" if report["promote"] else "not promoted"
+    print(f"{PROG} run-local: {verdict} ({'; '.join(report['gate_reasons'])})", file=sys.stderr)
     return 0
 
 
