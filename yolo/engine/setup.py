@@ -195,6 +195,8 @@ def prepare_run(cfg, ctx: DistContext) -> RunSetup:
     if resume_state is not None:
         LOG.info(f"resuming run {run_id} from {resumed_from}: epoch {resume_state['train']['epoch']}, "
                  f"batch {resume_state['train']['iteration']}")
+        if ctx.is_main:
+            _bring_best_along(resumed_from, out)
 
     model = _freeze(model, cfg.freeze)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -355,6 +357,21 @@ def _fetch_remote_last(uri: str, dest: Path | None = None) -> tuple[dict[str, An
     with tempfile.TemporaryDirectory(prefix="yolo-resume-") as tmp:
         local = storage.get(key, Path(tmp) / "last.pt")
         return _read_last(local), storage.uri_for(key)
+
+
+def _bring_best_along(resumed_from: str, out: Path) -> None:
+    """Copy best.pt from beside the last.pt a run resumes into `out` (a fresh pod's folder has none): when
+    the remaining epochs do not improve, the run must still end with the best.pt of its earlier ones."""
+    from yolo.storage import open_storage
+
+    best = out / BEST_KEY
+    folder, _, name = resumed_from.rpartition("/")
+    if best.is_file() or not folder or name != "last.pt":
+        return
+    storage = open_storage(folder)
+    if storage.exists("best.pt"):
+        storage.get("best.pt", best)
+        LOG.info(f"restored {best} from {storage.uri_for('best.pt')}")
 
 
 def _load_explicit_resume(cfg) -> tuple[dict[str, Any], str]:
