@@ -77,8 +77,9 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
     def log(name: str) -> str:
         return (root / f"{name}.log").read_text()
 
-    # 1) The run that is stopped: wait for a checkpoint early in an epoch (batches left for the signal to
-    # arrive mid-epoch), then stop the train container.
+    # 1) The run that is stopped: wait for a checkpoint early in epoch 1 (batches left for the signal to
+    # arrive mid-epoch; epoch 0 wrote best.pt, which the resuming pod must bring along), then stop the
+    # train container.
     proc = pipeline_run(pipeline, root, params("preempted"), "first", network="host", env=env)
     deadline = time.monotonic() + 900
     seen = None
@@ -88,7 +89,8 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
         etag = _last_etag(client, s3_bucket, "preempted/")
         if etag is not None and etag != seen:
             seen = etag
-            if 1 <= _last(client, s3_bucket, "preempted/")[1]["train"]["iteration"] <= BATCHES // 2:
+            state = _last(client, s3_bucket, "preempted/")[1]["train"]
+            if state["epoch"] == 1 and 1 <= state["iteration"] <= BATCHES // 2:
                 break
         time.sleep(0.2)
     (container,) = task_containers("first")  # the train task: the only one running now
@@ -100,7 +102,7 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
 
     key, state = _last(client, s3_bucket, "preempted/")
     epoch, batch = state["train"]["epoch"], state["train"]["iteration"]
-    assert 0 < batch < BATCHES and not state["train"]["finished"]  # mid-epoch, the step the signal found
+    assert epoch == 1 and 0 < batch < BATCHES and not state["train"]["finished"]  # mid-epoch
     assert f"stopped by signal at epoch {epoch} batch {batch}/{BATCHES}" in log("first")
 
     # 2) The same run again (same parameters, same checkpoint root): it resumes at that epoch and batch.
