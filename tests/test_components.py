@@ -307,7 +307,7 @@ def test_yolo_command_uses_torchrun_for_several_gpus():
 
 
 def _fake_step(calls: list, writes: dict[str, object], code: int = 0):
-    def run_yolo(step, args, gpus=0, allowed_exit_codes=(0,)):
+    def run_yolo(step, args, gpus=0, allowed_exit_codes=(0,), forward_signals=False):
         calls.append((step, [str(a) for a in args], gpus))
         out = Path(str(args[args.index("--out") + 1]))
         for name, content in writes.items():
