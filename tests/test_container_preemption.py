@@ -20,7 +20,7 @@ pytest_plugins = ("tests.s3_server",)
 pytestmark = needs_image
 
 EXIT_SIGTERM = 143  # the trainer's "preempted, resume me" code, and the container's when it ended in time
-BATCHES = 16  # 32 images, batch 2: seconds of batches left for the signal after the test sees batch <= 4
+BATCHES = 32  # 64 images, batch 2: after the test sees batch <= 8, seconds of batches are left for the signal
 
 
 def _s3(s3_env):
@@ -62,7 +62,7 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
 
     def params(checkpoints: str) -> dict:
         return {
-            "dataset_source": "sample:train=32,val=4,imgsz=64",
+            "dataset_source": "sample:train=64,val=4,imgsz=64",
             "imgsz": 64,
             "epochs": 2,
             "batch_size": 2,
@@ -93,9 +93,9 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
                 (container,) = task_containers("first")
                 waiter = subprocess.Popen([DOCKER, "wait", container], stdout=subprocess.PIPE, text=True)
             state = _last(client, s3_bucket, "preempted/")[1]["train"]
-            if state["epoch"] == 1 and 1 <= state["iteration"] <= 4:
+            if state["epoch"] == 1 and 1 <= state["iteration"] <= 8:
                 break
-        time.sleep(0.1)
+        time.sleep(0.05)
     docker("stop", "--time", "30", container, timeout=120)
     exit_code = int(waiter.communicate(timeout=60)[0].strip())
     proc.wait(timeout=300)
