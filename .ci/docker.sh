@@ -117,7 +117,7 @@ build_image() {
 run_e2e() {
   local start=$SECONDS rc=0
   log "container tests against $IMAGE"
-  YOLO_PIPELINE_TEST_IMAGE=$IMAGE "$PYTHON" -m pytest tests/test_container_*.py -x -q -p no:cacheprovider || rc=$?
+  YOLO_PIPELINE_TEST_IMAGE=$IMAGE "$PYTHON" -m pytest tests/test_container_*.py -x -q -p no:cacheprovider --durations=0 || rc=$?
   log "container tests took $((SECONDS - start)) s (exit $rc)"
   return "$rc"
 }
