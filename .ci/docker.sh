@@ -4,6 +4,8 @@
 #   .ci/docker.sh base     the Debian base image: debootstrap + docker import (reused when present)
 #   .ci/docker.sh image    base, then the project image (BASE=debian; the layer cache makes reruns fast)
 #   .ci/docker.sh e2e      the container tests (tests/test_container_*.py) against that image
+#   .ci/docker.sh ci       all of CI's container part: install docker.io + debootstrap when missing, start
+#                          dockerd (stopped at the end if started here), image, e2e; times in the log
 # Machine facts it relies on: no image registry (so the base is built from Debian's packages), and a
 # TLS-intercepting proxy whose CA is in this machine's bundle (given to the build as a secret, never a layer).
 # Only loopback and host networking are used: builds run with --network host, tests reach loopback
@@ -115,9 +117,28 @@ build_image() {
 run_e2e() {
   local start=$SECONDS rc=0
   log "container tests against $IMAGE"
-  YOLO_PIPELINE_TEST_IMAGE=$IMAGE "$PYTHON" -m pytest tests/test_container_*.py -x -q -p no:cacheprovider || rc=$?
+  YOLO_PIPELINE_TEST_IMAGE=$IMAGE "$PYTHON" -m pytest tests/test_container_*.py -x -q -p no:cacheprovider --durations=0 || rc=$?
   log "container tests took $((SECONDS - start)) s (exit $rc)"
   return "$rc"
+}
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+run_ci() {
+  local start=$SECONDS dockerd_pid
+  if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null || [ ! -x /usr/bin/docker ]; then
+    log "installing docker.io and debootstrap (Debian packages)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      docker.io debootstrap >/dev/null
+    export DOCKER=/usr/bin/docker
+  fi
+  dockerd_pid=$(start_daemon)
+  # shellcheck disable=SC2064  # the pid is known now
+  trap "stop_daemon '$dockerd_pid'" EXIT
+  build_image
+  run_e2e
+  log "container part took $((SECONDS - start)) s"
 }
 
 case "${1:-}" in
@@ -126,5 +147,6 @@ case "${1:-}" in
   base) build_base ;;
   image) build_image ;;
   e2e) run_e2e ;;
-  *) echo "usage: $0 daemon|stop PID|base|image|e2e" >&2; exit 2 ;;
+  ci) run_ci ;;
+  *) echo "usage: $0 daemon|stop PID|base|image|e2e|ci" >&2; exit 2 ;;
 esac

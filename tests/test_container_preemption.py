@@ -20,7 +20,7 @@ pytest_plugins = ("tests.s3_server",)
 pytestmark = needs_image
 
 EXIT_SIGTERM = 143  # the trainer's "preempted, resume me" code, and the container's when it ended in time
-BATCHES = 8  # 16 images, batch 2
+BATCHES = 32  # 64 images, batch 2: after the test sees a batch <= 16, seconds of batches are left for the signal
 
 
 def _s3(s3_env):
@@ -62,7 +62,7 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
 
     def params(checkpoints: str) -> dict:
         return {
-            "dataset_source": "sample:train=16,val=4,imgsz=64",
+            "dataset_source": "sample:train=64,val=4,imgsz=64",
             "imgsz": 64,
             "epochs": 2,
             "batch_size": 2,
@@ -77,22 +77,25 @@ def test_docker_stop_mid_epoch_then_the_rerun_resumes_to_the_same_weights(tmp_pa
     def log(name: str) -> str:
         return (root / f"{name}.log").read_text()
 
-    # 1) The run that is stopped: wait for a checkpoint early in an epoch (batches left for the signal to
-    # arrive mid-epoch), then stop the train container.
+    # 1) The run that is stopped: wait for a checkpoint in the first half of an epoch (batches left for the
+    # signal to arrive mid-epoch; in practice epoch 0, whose first mid-epoch upload is not queued behind
+    # an epoch end's), then stop the train container.
     proc = pipeline_run(pipeline, root, params("preempted"), "first", network="host", env=env)
     deadline = time.monotonic() + 900
-    seen = None
+    seen, container, waiter = None, None, None
     while True:
         assert proc.poll() is None, "the run ended before a mid-epoch checkpoint:\n" + log("first")[-4000:]
         assert time.monotonic() < deadline, "no mid-epoch checkpoint in S3 within 15 minutes"
         etag = _last_etag(client, s3_bucket, "preempted/")
         if etag is not None and etag != seen:
             seen = etag
-            if 1 <= _last(client, s3_bucket, "preempted/")[1]["train"]["iteration"] <= BATCHES // 2:
+            if container is None:  # the first checkpoint: the train task is the one container running now
+                (container,) = task_containers("first")
+                waiter = subprocess.Popen([DOCKER, "wait", container], stdout=subprocess.PIPE, text=True)
+            state = _last(client, s3_bucket, "preempted/")[1]["train"]
+            if 1 <= state["iteration"] <= BATCHES // 2:
                 break
-        time.sleep(0.2)
-    (container,) = task_containers("first")  # the train task: the only one running now
-    waiter = subprocess.Popen([DOCKER, "wait", container], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.05)
     docker("stop", "--time", "30", container, timeout=120)
     exit_code = int(waiter.communicate(timeout=60)[0].strip())
     proc.wait(timeout=300)

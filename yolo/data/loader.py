@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -450,11 +451,20 @@ def worker_init(_worker_id: int) -> None:
     """Keep each worker to one thread: the cores are shared with the training step. Stop signals are the
     main process's business: a SIGTERM/SIGINT sent to the whole process group or container (Ctrl-C, the
     image's init under `docker stop`, a pod's PID 1) must not kill a worker the trainer still reads from
-    while it finishes its step and writes last.pt; workers end with the loader, or with their parent."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while it finishes its step and writes last.pt. Only a SIGTERM from the parent (the loader, or
+    multiprocessing at exit, terminating its workers) ends a worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    """In a loader worker: wait for SIGTERMs (blocked, so they queue here) and exit on the parent's."""
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(128 + signal.SIGTERM)
 
 
 def create_train_loader(

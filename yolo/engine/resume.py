@@ -36,7 +36,7 @@ from yolo.redact import redact
 from yolo.storage import is_remote, open_storage
 
 LOG = logging.getLogger(__name__)
-LAST_KEY = "weights/last.pt"
+LAST_KEY, BEST_KEY = "weights/last.pt", "weights/best.pt"
 DEFAULT_OUT = "runs/train"  # TrainConfig.out's default, for a run whose --out is settled late (resume)
 # Options that --resume may change; the rest of the run's arguments come from the checkpoint, except
 # PLACES (where the run writes, mirrors and fetches from), which only the command line decides.
@@ -277,3 +277,16 @@ def restore_parts(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | 
         for p, g in zip(model.parameters(), st["grads"], strict=True):
             p.grad = None if g is None else g.to(p.device)
     return TrainState.from_dict(st, device)
+
+
+def bring_best_along(resumed_from: str, out: Path) -> None:
+    """Copy best.pt from beside the last.pt a run resumes into `out` (a fresh pod's folder has none): when
+    the remaining epochs do not improve, the run must still end with the best.pt of its earlier ones."""
+    best = out / BEST_KEY
+    folder, _, name = resumed_from.rpartition("/")
+    if best.is_file() or not folder or name != "last.pt":
+        return
+    storage = open_storage(folder)
+    if storage.exists("best.pt"):
+        storage.get("best.pt", best)
+        LOG.info(redact(f"restored {best} from {storage.uri_for('best.pt')}"))

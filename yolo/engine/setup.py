@@ -200,6 +200,8 @@ def _resume_decision(cfg: TrainConfig, ctx: DistContext, out: Path, run_id: str,
         refuse_nonfinite(ckpt, f"--resume {source}" if explicit else redact(source))
         LOG.info(redact(f"resuming run {run_id} from {source}: epoch {ckpt['train']['epoch']}, "
                         f"batch {ckpt['train']['iteration']}"))
+        if ctx.is_main:
+            resume.bring_best_along(source, out)
     return found
 
 
