@@ -37,7 +37,7 @@ from yolo.storage import is_remote, open_storage
 
 LOG = logging.getLogger(__name__)
 LAST_KEY = "weights/last.pt"
-DEFAULT_OUT = "runs/train"  # TrainConfig.out's default, for a run whose --out is settled late (resume)
+DEFAULT_OUT = "runs/train"  # where a run resumed from a remote last.pt writes when no --out is given
 # Options that --resume may change; the rest of the run's arguments come from the checkpoint, except
 # PLACES (where the run writes, mirrors and fetches from), which only the command line decides.
 RESUME_OVERRIDES = ("device", "workers", "tensorboard")
