@@ -98,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--name", default=d.name, help=f"run folder name under --project: NAME, NAME2, ... (default {d.name})")
     a("--exist-ok", action="store_true", help="reuse --project/--name instead of picking the next NAME<n>")
     a("--cfg", help="model cfg (yolov5n.yaml ... or a path); default: the --weights' cfg, else yolov5n.yaml")
-    a("--weights", help="initial weights: our .pt, an upstream YOLOv5 .pt, or a known name")
+    a("--weights", help="initial weights: our .pt, an upstream YOLOv5 .pt, or a known name. Default: none, from "
+                        "scratch (upstream fine-tunes yolov5s.pt; here nothing is downloaded unless named)")
     a("--anchors", type=Path, help="anchors.json from the stats step (beats --cfg's and the checkpoint's)")
     anchor_flags = parser.add_mutually_exclusive_group()
     anchor_flags.add_argument(
