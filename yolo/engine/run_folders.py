@@ -6,7 +6,7 @@
   preemption: when the newest PROJECT/NAME* folder holds an unfinished last.pt of this very run (same
   run identity), the run continues there instead of starting a new folder.
 - whichever folder it is, a run that does not resume never replaces a `weights/best.pt` already there
-  (`refuse_finished_best`): one line says what to do instead. DVC removes its outputs (best.pt among
+  (`best_pt_refusal`): one line says what to do instead. DVC removes its outputs (best.pt among
   them) before it re-runs the stage, so `dvc repro` is unaffected.
 """
 
@@ -19,7 +19,6 @@ from yolo.engine import distributed as dist_utils
 from yolo.engine.config import TrainConfig
 from yolo.engine.distributed import DistContext
 from yolo.engine.resume import LAST_KEY, read_last_quiet
-from yolo.errors import UserError
 
 BEST_KEY = "weights/best.pt"
 
@@ -71,11 +70,10 @@ def _unfinished_run_of(last: Path, run_id: str) -> bool:
     return ckpt is not None and ckpt.get("run_id") == run_id and not ckpt["train"].get("finished")
 
 
-def refuse_finished_best(out: Path) -> None:
-    """A run that starts afresh in `out` would replace the best.pt there: refuse, in one line."""
-    if (out / BEST_KEY).is_file():
-        raise UserError(
-            f"{out / BEST_KEY} exists (an earlier run) and this run would replace it: pass another --out (or "
+def best_pt_refusal(out: Path) -> str | None:
+    """Why a run that starts afresh in `out` may not (it would replace the best.pt there), or None."""
+    if not (out / BEST_KEY).is_file():
+        return None
+    return (f"{out / BEST_KEY} exists (an earlier run) and this run would replace it: pass another --out (or "
             f"--project/--name, which picks a new folder), continue it with --resume {out} --epochs N, or "
-            f"remove that folder"
-        )
+            f"remove that folder")

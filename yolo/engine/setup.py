@@ -141,8 +141,10 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
     leases = _take_leases(cfg, ctx, out, run_id)
     try:
         found = _resume_decision(cfg, ctx, out, run_id, explicit)
-        if found is None and ctx.is_main:
-            run_folders.refuse_finished_best(out)
+        if found is None:  # rank 0 looks, every rank stops (no rank left waiting in a collective)
+            refusal = dist_utils.broadcast_object(run_folders.best_pt_refusal(out) if ctx.is_main else None, ctx)
+            if refusal:
+                raise UserError(refusal)
         model = _freeze(model, cfg.freeze)
         model = model.to(device).to(memory_format=torch.channels_last)
         if ctx.enabled and cfg.sync_bn:
