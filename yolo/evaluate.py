@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from yolo.backend import Backend, load_backend
 from yolo.boxes import box_iou, non_max_suppression, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywhn
@@ -47,7 +49,10 @@ SPLITS = ("val", "test", "train")
 # Everything the step writes besides plots, results last (removed at the start of a run, written at its end)
 OUTPUTS = ("per_class.csv", "pr_curve.csv", "confusion_matrix.json", "predictions.json", "image_ids.json",
            "metrics.json", "gate.json")
-PR_CSV_POINTS = 101  # the COCO recall grid AP is integrated on
+VAL_BATCH_PLOTS = 3  # val_batch0..2_{labels,pred}.jpg, as upstream
+PR_CSV_POINTS = 101
+TASKS = ("val", "test", "speed", "study")
+VERBOSE_CLASSES = 50  # upstream prints per-class rows with --verbose or fewer classes than this  # the COCO recall grid AP is integrated on
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -105,6 +110,7 @@ class EvalResult:
     predictions: list[dict] = field(default_factory=list)  # COCO results, when collected
     image_ids: dict[str, int | str] = field(default_factory=dict)  # file -> COCO image_id
     nonfinite_images: int = 0  # images whose raw outputs held NaN/inf (NMS silently drops those)
+    losses: list[float] | None = None  # mean val box/obj/cls losses (train's validation only)
 
     def totals(self) -> dict[str, float | int]:
         return {
@@ -206,9 +212,13 @@ def evaluate_model(
     names: Sequence[str],
     out_dir: str | os.PathLike | None = None,
     plots: bool = False,
+    compute_loss=None,
+    progress: bool = False,
 ) -> EvalResult:
     """Evaluate `model` (already on `device`, fp16 on CUDA if wanted) on a SplitIndex; writes nothing unless
-    out_dir is given (then plots when plots=True). The model's train/eval mode is restored afterwards."""
+    out_dir is given (then plots when plots=True). The model's train/eval mode is restored afterwards.
+    `compute_loss` (train's YoloLoss, a torch model only): also the mean val box/obj/cls losses, as upstream.
+    `progress`: a tqdm bar over the batches (on stderr)."""
     device = torch.device(device)
     if len(index) == 0:
         raise UserError(f"split {getattr(index, 'split', '') or '?'} has no usable images to evaluate")
@@ -232,14 +242,30 @@ def evaluate_model(
     seconds = np.zeros(3)  # preprocess, inference, nms
     seen = 0
     nonfinite_images = 0
+    loss_batches = 0
+    batch_number = 0
+    losses = torch.zeros(3, device=device) if compute_loss is not None and model is not None else None
+    batches = _rect_batch_stream(index, config, stride)
+    if progress:
+        batches = tqdm(batches, total=math.ceil(len(index) / max(config.batch_size, 1)), desc="validating",
+                       bar_format="{l_bar}{bar:10}{r_bar}", leave=False)
     try:
-        for members, batch in _rect_batch_stream(index, config, stride):
+        for members, batch in batches:
             t0 = time.perf_counter()
             images = torch.from_numpy(np.stack([s.image for s in batch])).to(device, non_blocking=True)
             images = images.to(dtype).div_(255).contiguous(memory_format=memory_format)
             _sync(device)
             t1 = time.perf_counter()
-            outputs = [forward(images[i:i + micro]) for i in range(0, len(images), micro)]
+            if losses is not None and not config.augment:
+                outputs = []
+                for i in range(0, len(images), micro):
+                    decoded, maps = model(images[i:i + micro])
+                    outputs.append(decoded)
+                    targets = _loss_targets(batch[i:i + micro], device)
+                    losses += compute_loss([m.float() for m in maps], targets)[1]
+                    loss_batches += 1
+            else:
+                outputs = [forward(images[i:i + micro]) for i in range(0, len(images), micro)]
             nonfinite_images += sum(int((~torch.isfinite(out)).flatten(1).any(1).sum()) for out in outputs)
             _sync(device)
             t2 = time.perf_counter()
@@ -250,6 +276,9 @@ def evaluate_model(
             t3 = time.perf_counter()
             seconds += (t1 - t0, t2 - t1, t3 - t2)
             height, width = images.shape[2:]
+            if plots and out_dir is not None and batch_number < VAL_BATCH_PLOTS:
+                _plot_val_batch(Path(out_dir), batch_number, images, batch, detections, names)
+            batch_number += 1
             for dataset_i, sample, det in zip(members, batch, detections, strict=True):
                 seen += 1
                 labels = sample.labels
@@ -282,7 +311,39 @@ def evaluate_model(
 
     result = _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots)
     result.nonfinite_images = nonfinite_images
+    if losses is not None:
+        result.losses = (losses / max(loss_batches, 1)).tolist()
     return result
+
+
+def _plot_val_batch(out_dir: Path, k: int, images: torch.Tensor, samples, detections, names) -> None:
+    """val_batch{k}_labels.jpg and val_batch{k}_pred.jpg as upstream (a plot never fails the evaluation)."""
+    try:
+        from yolo.plots.batches import plot_batch  # OpenCV drawing: only when drawing
+
+        height, width = images.shape[2:]
+        scale = np.array([width, height, width, height], np.float32)
+        rows = []
+        for j, det in enumerate(detections):
+            det = det.float().cpu().numpy()[:, :6]
+            det = det[det[:, 4] > 0.25]  # upstream draws predictions above conf 0.25
+            xyxy = det[:, :4] / scale
+            xywh = np.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                             xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1) if len(det) else np.zeros((0, 4))
+            rows.append(np.concatenate([np.full((len(det), 1), j), det[:, 5:6], xywh], 1))
+        pred = np.concatenate(rows, 0) if rows else np.zeros((0, 6))
+        pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
+        plot_batch(pixels, _loss_targets(samples, torch.device("cpu")), names, out_dir / f"val_batch{k}_labels.jpg")
+        plot_batch(pixels, pred.astype(np.float32), names, out_dir / f"val_batch{k}_pred.jpg")
+    except Exception as e:  # noqa: BLE001 - drawing must never fail an evaluation
+        LOG.warning(f"val_batch{k} images not drawn: {e}")
+
+
+def _loss_targets(samples, device: torch.device) -> torch.Tensor:
+    """Train's target rows (image, class, x, y, w, h normalised to the batch image) of a micro-batch."""
+    rows = [np.concatenate([np.full((len(s.labels), 1), j, np.float32), s.labels.astype(np.float32)], 1)
+            for j, s in enumerate(samples) if len(s.labels)]
+    return torch.from_numpy(np.concatenate(rows, 0) if rows else np.zeros((0, 6), np.float32)).to(device)
 
 
 def _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots) -> EvalResult:
@@ -457,6 +518,9 @@ class EvaluateStepConfig:
     baseline: Path | None = None
     max_class_drop: float = 0.05
     promote_without_gate: bool = False
+    task: str = "val"  # val/test: evaluate that split; speed: timing only (nothing written)
+    half: bool = False  # fp16 (CUDA only; CUDA evaluates in fp16 anyway, as upstream val.py)
+    verbose: bool = False  # per-class rows even with >= VERBOSE_CLASSES classes
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -488,9 +552,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest per-class mAP50-95 drop vs --baseline that still promotes")
     parser.add_argument("--promote-without-gate", action="store_true",
                         help="promote when neither --min-map50 nor --baseline is given (default: do not)")
+    parser.add_argument("--task", choices=TASKS, default="val",
+                        help="val/test: evaluate that split (as --split); speed: time pre-process, inference and NMS "
+                             "at conf 0.25, IoU 0.45 and write nothing; study: not supported here")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"print the per-class rows (printed anyway with fewer than {VERBOSE_CLASSES} classes)")
+    parser.add_argument("--save-json", action="store_true",
+                        help="accepted for upstream commands: predictions.json (COCO detections) is always written")
+    parser.add_argument("--half", action="store_true",
+                        help="fp16 inference (CUDA only, where it is the default anyway; an error on the CPU)")
 
 
 def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
+    if args.task == "study":
+        raise UserError("--task study (mAP and speed over image sizes, as upstream) is not supported here; run "
+                        "evaluate once per --imgsz instead")
+    split, conf, iou = args.split, args.conf_thres, args.iou_thres
+    if args.task == "test":
+        split = "test"
+    elif args.task == "speed":
+        conf, iou = 0.25, 0.45  # upstream's speed settings
     require_stride_multiple(args.imgsz, MAX_STRIDE)  # before anything is read (the model's own stride: later)
     for flag, value, low in (("--batch-size", args.batch_size, 1),
                              ("--max-det", args.max_det, 1), ("--workers", args.workers, 0),
@@ -502,12 +583,13 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
         if not 0 <= value <= 1:
             raise UserError(f"{flag} must lie in [0, 1], got {value}")
     return EvaluateStepConfig(
-        data=Path(args.data), weights=str(args.weights), out=Path(args.out), split=args.split,
+        data=Path(args.data), weights=str(args.weights), out=Path(args.out), split=split, task=args.task,
+        half=args.half, verbose=args.verbose,
         device=args.device, index=Path(args.index) if args.index else None, data_version=args.data_version,
         min_map50=args.min_map50, baseline=Path(args.baseline) if args.baseline else None,
         max_class_drop=args.max_class_drop, promote_without_gate=args.promote_without_gate,
-        eval=EvalConfig(imgsz=args.imgsz, batch_size=args.batch_size, conf_thres=args.conf_thres,
-                        iou_thres=args.iou_thres, max_det=args.max_det, single_cls=args.single_cls, augment=args.augment,
+        eval=EvalConfig(imgsz=args.imgsz, batch_size=args.batch_size, conf_thres=conf,
+                        iou_thres=iou, max_det=args.max_det, single_cls=args.single_cls, augment=args.augment,
                         micro_batch=args.micro_batch, workers=args.workers, collect_predictions=True),
     )
 
@@ -515,10 +597,13 @@ def _config_from_args(args: argparse.Namespace) -> EvaluateStepConfig:
 def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     """Load, evaluate, write every output under cfg.out; returns the result and gate.json's content."""
     baseline = read_baseline(cfg.baseline) if cfg.baseline else None  # fail fast, before the work
-    out = prepare_out_dir(cfg.out)
-    for name in OUTPUTS:  # an earlier run's results must never pass for this one's (gate.json last)
-        (out / name).unlink(missing_ok=True)
     device = select_device(cfg.device)
+    if cfg.half and device.type != "cuda":
+        raise UserError("--half needs a CUDA device (fp16 inference is not supported on the CPU)")
+    speed_only = cfg.task == "speed"
+    out = cfg.out if speed_only else prepare_out_dir(cfg.out)
+    for name in () if speed_only else OUTPUTS:  # an earlier run's results must never pass for this one's
+        (out / name).unlink(missing_ok=True)
     data = load_data_config(cfg.data)
     if cfg.split not in data.splits:
         raise UserError(f"{data.yaml_path}: no `{cfg.split}` split defined")
@@ -542,8 +627,11 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     LOG.info(f"evaluating {cfg.weights} on {len(index)} {cfg.split} images at {cfg.eval.imgsz} "
              f"(batch {cfg.eval.batch_size}) on {device}")
     t = time.perf_counter()
-    result = evaluate_model(model, index, cfg.eval, device, names, out_dir=out, plots=True)
+    result = evaluate_model(model, index, cfg.eval, device, names, out_dir=None if speed_only else out,
+                            plots=not speed_only, progress=True)
     LOG.info(f"evaluated in {time.perf_counter() - t:.1f}s")
+    if speed_only:
+        return result, {}
     if result.nonfinite_images:
         raise UserError(f"--weights {cfg.weights}: the outputs for {result.nonfinite_images} image(s) hold NaN or "
                         f"infinite values; not scored, not promoted")
@@ -566,10 +654,14 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
 def run(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args)
     result, gate = evaluate_step(cfg)
-    print(format_table(result))
     s = result.speed_ms
-    print(f"Speed: {s['preprocess']:.1f}ms pre-process, {s['inference']:.1f}ms inference, {s['nms']:.1f}ms NMS "
-          f"per image at batch {cfg.eval.batch_size}, imgsz {cfg.eval.imgsz}")
+    speed = (f"Speed: {s['preprocess']:.1f}ms pre-process, {s['inference']:.1f}ms inference, {s['nms']:.1f}ms NMS "
+             f"per image at batch {cfg.eval.batch_size}, imgsz {cfg.eval.imgsz}")
+    if cfg.task == "speed":
+        print(speed + " (--task speed: nothing written)")
+        return 0
+    print(format_table(result, include_classes=cfg.verbose or len(result.names) < VERBOSE_CLASSES))
+    print(speed)
     print(f"Results saved to {cfg.out}; gate: {'promote' if gate['promote'] else 'do not promote'} "
           f"({'; '.join(gate['reasons'])})")
     if cfg.min_map50 is not None and result.map50 < cfg.min_map50:

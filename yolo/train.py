@@ -18,7 +18,9 @@ import argparse
 import contextlib
 import copy
 import logging
+import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from yolo.engine.state import EpochLog, TrainState, restore_rng
 from yolo.errors import UserError
 from yolo.evaluate import EvalConfig, evaluate_model
 from yolo.files import write_json
+from yolo.model.checkpoint import load_checkpoint, model_from_checkpoint
 from yolo.redact import redact, strip_credentials
 
 __all__ = ["TrainConfig", "TrainResult", "add_arguments", "config_from_args", "run", "train"]
@@ -85,6 +88,7 @@ class Loop:
     checkpoints: RunCheckpoints
     amp: bool
     nb: int  # batches per epoch
+    stride: int  # the model's largest stride (--multi-scale sizes are multiples of it)
     mirror: MidEpochMirror  # when to write last.pt mid-epoch (rank 0; off elsewhere)
     resumed_epoch_seconds: float = 0.0  # time already spent in a mid-epoch-resumed epoch
 
@@ -141,13 +145,15 @@ def build_loop(setup: RunSetup) -> Loop:
     resumed_seconds = 0.0
     if setup.resume_state is not None:
         state = resume.restore_parts(setup.resume_state, model, ema, optimizer, scaler, nb, device)
+        state.finished = False  # an extended finished run is running again (its mid-epoch last.pt too)
         resumed_seconds = state.epoch_log.seconds if state.iteration else 0.0
     guard = NonFiniteGuard(model, ema, optimizer, schedule, state, ctx, device, nb)
     if setup.resume_state is not None:
         restore_rng(setup.resume_state["train"]["rng"])  # last: nothing may draw between here and step one
     mirror = MidEpochMirror(interval_minutes(cfg.checkpoint_uri, cfg.checkpoint_every) if ctx.is_main else 0)
+    stride = max(int(unwrap(model).stride.max()), 32)
     return Loop(setup, model, train_model, optimizer, ema, scaler, schedule, state, guard, report, checkpoints,
-                amp, nb, mirror, resumed_seconds)
+                amp, nb, stride, mirror, resumed_seconds)
 
 
 def fit(loop: Loop, stop: StopRequested) -> TrainResult:
@@ -160,6 +166,8 @@ def fit(loop: Loop, stop: StopRequested) -> TrainResult:
             f"accumulate to {loop.schedule.accumulate(10**9)} batches, imgsz {cfg.imgsz}, {setup.device}, "
             f"{setup.train_loader.num_workers} loader workers -> {setup.out}"
         )
+    if state.epoch == 0 and state.iteration == 0:
+        loop.report.plot_labels(setup.train_index.labels, cfg.seed)
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
         if not train_one_epoch(loop, epoch, stop):
@@ -207,6 +215,8 @@ def train_one_epoch(loop: Loop, epoch: int, stop: StopRequested) -> bool:
             loop.report.plot_batch(imgs, targets, paths, i)
         # uint8 -> device -> channels_last -> float: the conversion runs once, on the device
         imgs = imgs.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last).float().div_(255)
+        if cfg.multi_scale:
+            imgs = multi_scale(imgs, cfg.imgsz, loop.stride)
         targets = targets.to(device, non_blocking=True)
 
         sync = contextlib.nullcontext() if step_now or not ctx.enabled else model.no_sync()
@@ -240,6 +250,18 @@ def train_one_epoch(loop: Loop, epoch: int, stop: StopRequested) -> bool:
     loop.report.close_bar()
     account_epoch_time(loop, t_epoch)
     return True
+
+
+def multi_scale(imgs: torch.Tensor, imgsz: int, stride: int) -> torch.Tensor:
+    """Upstream's --multi-scale: the batch resized to a random stride multiple in [0.5, 1.5] x imgsz. The size
+    is drawn from Python's `random`, whose state last.pt carries, so a resumed run draws the same sizes."""
+    size = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + stride) // stride * stride
+    size = max(size, stride)
+    scale = size / max(imgs.shape[2:])
+    if scale == 1:
+        return imgs
+    shape = [math.ceil(x * scale / stride) * stride for x in imgs.shape[2:]]
+    return nn.functional.interpolate(imgs, size=shape, mode="bilinear", align_corners=False)
 
 
 def optimizer_step(loop: Loop) -> bool:
@@ -315,9 +337,11 @@ def validate(loop: Loop, epoch: int) -> dict[str, float] | None:
         model = copy.deepcopy(model).half()
     config = EvalConfig(imgsz=cfg.imgsz, batch_size=max(cfg.batch_size // ctx.world_size * 2, 1),
                         single_cls=cfg.single_cls)
-    result = evaluate_model(model, setup.val_index, config, setup.device, setup.names)
+    result = evaluate_model(model, setup.val_index, config, setup.device, setup.names,
+                            compute_loss=setup.compute_loss, progress=True)
     state.last_maps = result.maps
-    return result.totals()
+    losses = dict(zip(("val/box_loss", "val/obj_loss", "val/cls_loss"), result.losses or (), strict=False))
+    return {**result.totals(), **losses}
 
 
 def end_epoch(loop: Loop, epoch: int, metrics: dict[str, float] | None) -> bool:
@@ -331,6 +355,9 @@ def end_epoch(loop: Loop, epoch: int, metrics: dict[str, float] | None) -> bool:
         save_last(loop)
         if improved:
             loop.checkpoints.save_best(loop.ema.ema, epoch, metrics)
+        period = loop.setup.cfg.save_period
+        if period > 0 and (epoch + 1) % period == 0:
+            loop.checkpoints.save_epoch(loop.ema.ema, epoch, metrics)
     loop.guard.mark_good()
     return stop_early
 
@@ -345,7 +372,9 @@ def save_last(loop: Loop) -> None:
     entry = {
         "model": cpu_copy(unwrap(loop.model).state_dict()),
         "ema_updates": loop.ema.updates if loop.ema is not None else 0,
-        "optimizer": cpu_copy(loop.optimizer.state_dict()),
+        # a finished run's last.pt drops the optimizer state (as upstream's strip_optimizer: several MB); an
+        # extension (--resume --epochs N) then starts the optimizer afresh (yolo.engine.resume.restore_parts)
+        "optimizer": None if state.finished else cpu_copy(loop.optimizer.state_dict()),
         "scaler": loop.scaler.state_dict(),
         "batches_per_epoch": loop.nb,
         "grads": cpu_copy(grads),
@@ -384,6 +413,7 @@ def finish(loop: Loop) -> TrainResult:
         loop.checkpoints.publish(setup.out / "train.json", "train.json")
         loop.checkpoints.publish(setup.out / "args.yaml", "args.yaml")
         loop.report.plot_results(state.history)
+        validate_best(loop)
         LOG.info(
             f"{len(state.history)} epochs done in {state.run_seconds / 60:.1f} min "
             f"({doc['images_per_s']:.1f} img/s, data wait {100 * doc['data_wait_share']:.0f}%); best epoch "
@@ -391,6 +421,24 @@ def finish(loop: Loop) -> TrainResult:
         )
     close_sink(loop)
     return result(loop, 0)
+
+
+def validate_best(loop: Loop) -> None:
+    """As upstream at the end of training: best.pt validated once more, with the plots (confusion matrix,
+    PR/F1/P/R curves, val_batch images) drawn into the run folder. Numbers are not recorded again."""
+    setup = loop.setup
+    best = setup.out / "weights" / "best.pt"
+    if not best.is_file():
+        return
+    model = model_from_checkpoint(load_checkpoint(best), nc=len(setup.names)).to(setup.device)
+    model = model.half() if loop.amp else model.float()
+    config = EvalConfig(imgsz=setup.cfg.imgsz, batch_size=max(setup.cfg.batch_size * 2, 1),
+                        single_cls=setup.cfg.single_cls)
+    evaluate_model(model, setup.val_index, config, setup.device, setup.names, out_dir=setup.out, plots=True,
+                   progress=True)
+    for name in ("confusion_matrix.png", "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"):
+        if (setup.out / name).is_file():
+            loop.checkpoints.publish(setup.out / name, name)
 
 
 def close_sink(loop: Loop) -> None:

@@ -72,6 +72,13 @@ class RunCheckpoints:
         ckpt["metrics"] = metrics
         self._write("weights/best.pt", ckpt)
 
+    def save_epoch(self, model: torch.nn.Module, epoch: int, metrics: dict[str, float] | None) -> None:
+        """--save-period: weights/epochN.pt (N = epochs done), weights only (fp16 EMA) as best.pt."""
+        ckpt = self.base(model, half=True)
+        ckpt["epoch"] = epoch
+        ckpt["metrics"] = metrics
+        self._write(f"weights/epoch{epoch + 1}.pt", ckpt)
+
     def _write(self, key: str, ckpt: dict[str, Any]) -> None:
         self.setup.check_leases()
         path = self.setup.out / key

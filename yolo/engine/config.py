@@ -19,7 +19,9 @@ from yolo.imgsz import MAX_STRIDE, require_stride_multiple
 from yolo.redact import strip_credentials
 from yolo.storage import open_storage
 
-RUN_ID_PLACEHOLDER = "{run_id}"  # in --checkpoint-uri: replaced by the run identity
+RUN_ID_PLACEHOLDER = "{run_id}"
+AUTOBATCH_LINE = ("--batch-size -1: autobatch needs a GPU to measure memory and is not built here; pass a batch "
+                  "size (upstream's autobatch targets 60% of GPU memory)")  # in --checkpoint-uri: replaced by the run identity
 
 
 @dataclass
@@ -27,11 +29,16 @@ class TrainConfig:
     """Every option of the train step (upstream train.py spelling and defaults)."""
 
     data: Path | None = None
-    out: Path | None = Path("runs/train")
+    out: Path | None = None  # None: PROJECT/NAME with increment (yolo.engine.run_folders)
+    project: Path = Path("runs/train")
+    name: str = "exp"
+    exist_ok: bool = False
     cfg: str | None = None
     weights: str | None = None
     anchors: Path | None = None
-    autoanchor: bool = False
+    autoanchor: bool = False  # off by default: the pipeline fits anchors in its stats step (see --autoanchor)
+    multi_scale: bool = False
+    save_period: int = -1
     hyp: Path | None = None
     epochs: int = 100
     batch_size: int = 16
@@ -66,6 +73,8 @@ class TrainConfig:
         "epochs", "batch_size", "imgsz", "optimizer", "cos_lr", "label_smoothing", "patience", "freeze",
         "rect", "image_weights", "quad", "single_cls", "noval", "seed", "deterministic", "autoanchor", "sync_bn",
     )  # fmt: skip
+    # Added later: hashed only when set, so that the identities of runs started before them do not change.
+    NEW_RESULT_ARGS = ("multi_scale",)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, secret-free dict (args.yaml, checkpoints): paths as strings, credentials stripped."""
@@ -83,14 +92,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     a = parser.add_argument
     a("--data", type=Path, help="data.yaml (upstream format); optional with --resume")
-    a("--out", type=Path, help=f"run folder: weights/, results.csv, train.json (default {d.out})")
+    a("--out", type=Path, help="run folder, used exactly as given (the pipeline's way); a best.pt already there "
+                               "is never replaced (refused unless the run resumes). Default: --project/--name")
+    a("--project", type=Path, default=d.project, help=f"parent of the run folders (default {d.project})")
+    a("--name", default=d.name, help=f"run folder name under --project: NAME, NAME2, ... (default {d.name})")
+    a("--exist-ok", action="store_true", help="reuse --project/--name instead of picking the next NAME<n>")
     a("--cfg", help="model cfg (yolov5n.yaml ... or a path); default: the --weights' cfg, else yolov5n.yaml")
-    a("--weights", help="initial weights: our .pt, an upstream YOLOv5 .pt, or a known name")
+    a("--weights", help="initial weights: our .pt, an upstream YOLOv5 .pt, or a known name. Default: none, from "
+                        "scratch (upstream fine-tunes yolov5s.pt; here nothing is downloaded unless named)")
     a("--anchors", type=Path, help="anchors.json from the stats step (beats --cfg's and the checkpoint's)")
-    a("--autoanchor", action="store_true", help="check anchor fit on the training labels and evolve if poor")
+    anchor_flags = parser.add_mutually_exclusive_group()
+    anchor_flags.add_argument(
+        "--autoanchor", action="store_true",
+        help="check anchor fit on the training labels and evolve if poor. Off by default, unlike upstream: the "
+             "pipeline fits anchors in its stats step (--anchors anchors.json), visibly and once")
+    anchor_flags.add_argument("--noautoanchor", action="store_true",
+                              help="do not check anchors (the default here; accepted for upstream commands)")
+    a("--multi-scale", action="store_true", help="each batch at a random size in 0.5-1.5x --imgsz (stride multiple)")
+    a("--save-period", type=int, default=d.save_period, metavar="N",
+      help="also save weights/epochN.pt every N epochs (default -1: off)")
     a("--hyp", type=Path, help="hyperparameter yaml (default: upstream hyp.scratch-low values)")
     a("--epochs", type=int_at_least(1), default=None, help=f"total epochs (default {d.epochs})")
-    a("--batch-size", type=int_at_least(1), default=d.batch_size, help="total batch size for all processes")
+    a("--batch-size", type=batch_size_arg, default=d.batch_size,
+      help=f"total batch size for all processes (default {d.batch_size}); -1: autobatch (GPU only)")
     a("--imgsz", "--img", "--img-size", type=int_at_least(1), default=d.imgsz, help="train/val image size (px)")
     a("--device", help="cpu, 0, 0,1 ... (default: first GPU if any, else cpu)")
     a("--workers", type=int_at_least(0), help=f"loader workers per process, at most (default {d.workers})")
@@ -125,11 +149,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="resume from a stored last.pt that has no recorded SHA-256 (rewritten by another tool)")
 
 
+def batch_size_arg(text: str) -> int:
+    value = int_at_least(-1)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1 (or -1 for autobatch)")
+    return value
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from parsed flags. Options --resume may change are None when not given, so a resumed
     run keeps its own values; `out` stays None here and is settled by the resume logic."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     values["epochs_given"] = args.epochs is not None
+    values.pop("noautoanchor", None)  # the default; exclusive with --autoanchor (argparse checks)
     if values.get("cache") == "off":
         values["cache"] = None
     defaults = TrainConfig()
@@ -143,6 +175,8 @@ def validate_config(cfg: TrainConfig, world_size: int) -> None:
     """The checks that need neither data nor model, before anything is built (a bad --imgsz fails before
     anchors are rescaled or the loss is scaled; the model's own stride is checked again once built)."""
     require_stride_multiple(cfg.imgsz, MAX_STRIDE)
+    if cfg.batch_size == -1:
+        raise UserError(AUTOBATCH_LINE)
     if cfg.checkpoint_uri:
         # parsed only (no network): credentials, `..` or reserved segments are refused before any work
         open_storage(cfg.checkpoint_uri.replace(RUN_ID_PLACEHOLDER, "0" * 16))

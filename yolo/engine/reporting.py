@@ -40,6 +40,9 @@ def history_row(epoch: int, mloss: torch.Tensor, metrics: dict[str, float] | Non
         "metrics/recall": m.get("recall", ""),
         "metrics/mAP_0.5": m.get("map50", ""),
         "metrics/mAP_0.5:0.95": m.get("map50_95", ""),
+        "val/box_loss": m.get("val/box_loss", ""),
+        "val/obj_loss": m.get("val/obj_loss", ""),
+        "val/cls_loss": m.get("val/cls_loss", ""),
         "fitness": m.get("fitness", ""),
     }
     for j, lr in enumerate(lrs):
@@ -103,6 +106,19 @@ class RunReport:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def plot_labels(self, train_labels, seed: int) -> None:
+        """labels.jpg and labels_correlogram.jpg of the training labels, as upstream (never fails the run)."""
+        if not self.is_main:
+            return
+        try:
+            from yolo.plots.labels import plot_correlogram, plot_labels  # matplotlib: only when drawing
+
+            boxes = np.concatenate([np.asarray(lb)[:, :5] for lb in train_labels] or [np.zeros((0, 5))])
+            plot_labels(boxes, self.names, self.out / "labels.jpg", seed=seed)
+            plot_correlogram(boxes, self.out / "labels_correlogram.jpg")
+        except Exception as e:  # noqa: BLE001 - a plot must never stop training
+            LOG.warning(f"labels.jpg not drawn: {e}")
 
     def plot_batch(self, imgs, targets, paths, i: int) -> None:
         """train_batch{i}.jpg for the first batches of the first epoch (never fails the run)."""

@@ -37,11 +37,11 @@ from yolo.storage import is_remote, open_storage
 
 LOG = logging.getLogger(__name__)
 LAST_KEY, BEST_KEY = "weights/last.pt", "weights/best.pt"
-DEFAULT_OUT = "runs/train"  # TrainConfig.out's default, for a run whose --out is settled late (resume)
+DEFAULT_OUT = "runs/train"  # where a run resumed from a remote last.pt writes when no --out is given
 # Options that --resume may change; the rest of the run's arguments come from the checkpoint, except
 # PLACES (where the run writes, mirrors and fetches from), which only the command line decides.
 RESUME_OVERRIDES = ("device", "workers", "tensorboard")
-PLACES = ("out", "checkpoint_uri", "weights")
+PLACES = ("out", "checkpoint_uri", "weights", "project", "name", "exist_ok")
 Found = tuple[dict[str, Any], str]  # (last.pt's dict, where it was read from)
 
 
@@ -265,7 +265,10 @@ def restore_parts(ckpt: dict[str, Any], model: torch.nn.Module, ema: ModelEMA | 
     if ema is not None:
         ema.ema.load_state_dict(ckpt["model"])
         ema.updates = int(st["ema_updates"])
-    optimizer.load_state_dict(st["optimizer"])
+    if st.get("optimizer") is not None:
+        optimizer.load_state_dict(st["optimizer"])
+    else:  # a finished run's last.pt (stripped): the extension starts with empty momentum buffers
+        LOG.info("last.pt of a finished run holds no optimizer state: the optimizer starts afresh")
     if st.get("scaler"):
         scaler.load_state_dict(st["scaler"])
     if int(st["iteration"]) and int(st["batches_per_epoch"]) != batches_per_epoch:

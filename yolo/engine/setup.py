@@ -26,7 +26,7 @@ from yolo.data.index import dataset_fingerprint_of, load_split
 from yolo.data.loader import TrainDataset, TrainLoader, create_train_loader
 from yolo.device import cpu_threads, select_device
 from yolo.engine import distributed as dist_utils
-from yolo.engine import resume
+from yolo.engine import resume, run_folders
 from yolo.engine.config import RUN_ID_PLACEHOLDER, TrainConfig, validate_config
 from yolo.engine.distributed import DistContext
 from yolo.engine.lease import Lease
@@ -94,8 +94,6 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
         cfg = resume.merge_args(cfg, *explicit)
     if cfg.data is None:
         raise UserError("--data is required (unless --resume names a run to continue)")
-    if cfg.out is None:
-        cfg = replace(cfg, out=Path(resume.DEFAULT_OUT))
     validate_config(cfg, ctx.world_size)
     if cfg.sync_bn and not ctx.enabled:
         LOG.info("--sync-bn only applies under torchrun with several processes; ignored")
@@ -107,7 +105,6 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
     _seed_everything(cfg.seed, cfg.deterministic, device)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(processes=ctx.local_world_size))  # yolo.device's one rule
-    out = prepare_out_dir(cfg.out)
     if cfg.checkpoint_uri and ctx.is_main:
         root = cfg.checkpoint_uri.split(RUN_ID_PLACEHOLDER)[0].rstrip("/") or cfg.checkpoint_uri
         open_storage(root).check_access(write=True)  # unreachable/denied: one line, exit 2
@@ -129,7 +126,10 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
         **{k: getattr(cfg, k) for k in cfg.RESULT_ARGS},
         "weights": identity_inputs["weights"],
         "anchors": identity_inputs["anchors"],
+        **{k: getattr(cfg, k) for k in cfg.NEW_RESULT_ARGS if getattr(cfg, k)},  # old identities stay
     })
+    cfg = replace(cfg, out=run_folders.choose_out(cfg, ctx, run_id))
+    out = prepare_out_dir(cfg.out)
 
     if cfg.checkpoint_uri and RUN_ID_PLACEHOLDER in cfg.checkpoint_uri:
         # `--checkpoint-uri ROOT/{run_id}`: the run's identity names its folder, so any restart of the same
@@ -141,6 +141,10 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
     leases = _take_leases(cfg, ctx, out, run_id)
     try:
         found = _resume_decision(cfg, ctx, out, run_id, explicit)
+        if found is None:  # rank 0 looks, every rank stops (no rank left waiting in a collective)
+            refusal = dist_utils.broadcast_object(run_folders.best_pt_refusal(out) if ctx.is_main else None, ctx)
+            if refusal:
+                raise UserError(refusal)
         model = _freeze(model, cfg.freeze)
         model = model.to(device).to(memory_format=torch.channels_last)
         if ctx.enabled and cfg.sync_bn:
@@ -155,7 +159,11 @@ def prepare_run(cfg: TrainConfig, ctx: DistContext) -> RunSetup:
             stride=max(int(model.stride.max()), MAX_STRIDE),
         )  # fmt: skip
         if ctx.is_main:
-            write_text(out / "args.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            # as upstream's opt.yaml/hyp.yaml: the hyperparameter values used, not only the --hyp path
+            write_text(out / "args.yaml", yaml.safe_dump({**cfg.to_dict(), "hyp": hyp.to_dict(),
+                                                          "hyp_file": str(cfg.hyp) if cfg.hyp else None},
+                                                         sort_keys=False))
+            write_text(out / "hyp.yaml", yaml.safe_dump(hyp.to_dict(), sort_keys=False))
     except BaseException:
         for lease in leases:
             lease.release()

@@ -51,7 +51,7 @@ SAMPLERS = ("tpe", "random", "evolve")
 TPE_STARTUP_TRIALS = 4  # random trials before TPE models the rest (Optuna's 10 is most of a short study)
 EVOLVE_POPULATION = 8  # NSGA-II generation size for --sampler evolve
 # train flags that tune sets per trial (or that make no sense for a trial)
-_SET_BY_TUNE = {"out", "epochs", "resume", "checkpoint_uri", "tensorboard"}
+_SET_BY_TUNE = {"out", "epochs", "resume", "checkpoint_uri", "tensorboard", "project", "name", "exist_ok"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class TuneConfig:
             "base_hyp": {k: v for k, v in self.base_hyp.to_dict().items() if v is not None},
             "train": {"data": str(t.data), "cfg": t.cfg, "weights": t.weights,
                       "anchors": None if t.anchors is None else str(t.anchors),
-                      **{k: getattr(t, k) for k in train_step.TrainConfig.RESULT_ARGS if k != "epochs"}},
+                      **{k: getattr(t, k) for k in train_step.TrainConfig.RESULT_ARGS if k != "epochs"},
+                      **{k: getattr(t, k) for k in train_step.TrainConfig.NEW_RESULT_ARGS if getattr(t, k)}},
         }  # fmt: skip
 
     @property
