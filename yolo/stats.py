@@ -122,6 +122,8 @@ def run_stats(config: StatsConfig) -> dict[str, Path]:
         raise UserError(f"{data.yaml_path}: no `{ANCHOR_FIT_SPLIT}` split to fit anchors to")
     anchors_px, strides, source = model_anchors(config.cfg, config.weights)  # bad cfg/weights: fail early
     out = prepare_out_dir(config.out)
+    for name in ("label_stats.json", "anchors.json"):  # an earlier run's results must never pass for this one's
+        (out / name).unlink(missing_ok=True)
     splits = {name: load_split(data, name, config.index) for name in data.splits}
     imgsz = config.anchor_fit.imgsz
     stats = label_statistics(splits, data.names, imgsz)

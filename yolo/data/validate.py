@@ -68,6 +68,8 @@ def validate(cfg: ValidateConfig) -> dict:
     """Verify the dataset; returns the report (raises UserError after writing it when `ok` is false)."""
     data, mismatches = parse_data_config(cfg.data)  # yaml-level errors raise before anything is written
     out = prepare_out_dir(cfg.out)
+    for name in ("report.json", "report.md"):  # an earlier run's report must never pass for this one's
+        (out / name).unlink(missing_ok=True)
     yaml_sha = yaml_hash(data)
     problems = [_problem(None, data.yaml_path.name, NAMES_MISMATCH, m, FATAL) for m in mismatches]
     splits: dict[str, dict] = {}
