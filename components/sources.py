@@ -182,3 +182,17 @@ def resolve_git_rev(repo: str, rev: str) -> str:
     if not lines:
         raise UserError(f"dvc repo {redact(repo)}: no ref named {rev!r}")
     return lines[0].split()[0]
+
+
+def manifest_dataset_version(source_text: str, rev: str) -> str:
+    """The data version a manifest (PyTorchJob, Katib trial) records for a dataset source given at write
+    time: a dvc:// source's rev resolved to a commit SHA, else the source's kind ('' without a source).
+    Only a dvc:// source may have a rev; other sources hold whatever they hold when a pod starts."""
+    if not source_text:
+        return ""
+    source = parse_source(source_text)
+    if source.kind == "dvc":
+        return resolve_git_rev(source.location, rev)
+    if rev:
+        raise UserError(f"--dataset-rev {rev!r}: only a dvc:// dataset source has a rev")
+    return source.kind

@@ -400,17 +400,9 @@ def options_from_args(args: argparse.Namespace) -> ExperimentOptions:
     train_args = list(args.train_args)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
-    version = ""
-    if args.dataset_source:
-        from components.sources import parse_source, resolve_git_rev
+    from components.sources import manifest_dataset_version
 
-        source = parse_source(args.dataset_source)
-        if source.kind == "dvc":
-            version = resolve_git_rev(source.location, args.dataset_rev)
-        elif args.dataset_rev:
-            raise UserError(f"--dataset-rev {args.dataset_rev!r}: only a dvc:// dataset source has a rev")
-        else:
-            version = source.kind
+    version = manifest_dataset_version(args.dataset_source, args.dataset_rev)
     return ExperimentOptions(
         space=load_space(args.space), trials=args.trials, parallel=args.parallel,
         epochs_per_trial=args.epochs_per_trial, gpus=args.gpus, sampler=args.sampler, seed=args.seed,

@@ -28,7 +28,7 @@ import yaml
 
 from components import pipeline_image
 from components.params import check_gpus, reserved_flags_given
-from components.sources import DATASET_MOUNT, parse_source, resolve_git_rev
+from components.sources import DATASET_MOUNT, manifest_dataset_version
 from pipelines.cluster import Resources, VolumeClaim, volume_claim_argument
 from yolo.engine.lease import PIPELINE_RUN_ENV
 from yolo.errors import UserError
@@ -348,15 +348,7 @@ def options_from_args(args: argparse.Namespace) -> JobOptions:
     train_args = list(args.train_args)
     if train_args and train_args[0] == "--":
         train_args = train_args[1:]
-    version = ""
-    if args.dataset_source:
-        source = parse_source(args.dataset_source)
-        if source.kind == "dvc":
-            version = resolve_git_rev(source.location, args.dataset_rev)
-        elif args.dataset_rev:
-            raise UserError(f"--dataset-rev {args.dataset_rev!r}: only a dvc:// dataset source has a rev")
-        else:
-            version = source.kind  # recorded only; the data is whatever the source holds when a pod starts
+    version = manifest_dataset_version(args.dataset_source, args.dataset_rev)
     return JobOptions(
         nodes=args.nodes,
         gpus=args.gpus,
