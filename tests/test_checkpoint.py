@@ -73,8 +73,8 @@ def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, model, monkeypa
     before = path.read_bytes()
 
     def dies_halfway(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 partial")
+        f.write(b"PK\x03\x04 partial")  # save_checkpoint hands torch.save the temp file, opened
+        f.flush()
         raise KeyboardInterrupt  # e.g. the pod is killed mid-write
 
     monkeypatch.setattr(torch, "save", dies_halfway)
@@ -205,3 +205,12 @@ def test_saved_file_is_readable_by_others(tmp_path, model):
     path = tmp_path / "best.pt"
     save_checkpoint(path, checkpoint_dict(model))
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_same_checkpoint_same_bytes(tmp_path, model):
+    """Reproducible artifacts: the temp file's random name must not end up inside the archive."""
+    ckpt = checkpoint_dict(model, epoch=1)
+    save_checkpoint(tmp_path / "a.pt", ckpt)
+    (tmp_path / "b").mkdir()
+    save_checkpoint(tmp_path / "b" / "best.pt", ckpt)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "best.pt").read_bytes()

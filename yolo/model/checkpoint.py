@@ -65,8 +65,10 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
     if ckpt.get("format") != FORMAT:
         raise ValueError(f"checkpoint dict must carry format={FORMAT!r} (build it with checkpoint_dict)")
     _check_plain(ckpt)
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # to a file object: torch.save(path) names the archive after the (random) temp file, so two runs
+        # with identical weights would write different bytes
+        torch.save(ckpt, f)
         os.chmod(tmp, FILE_MODE)  # the temp file is created 0600; a checkpoint is an ordinary artefact
 
 
