@@ -31,7 +31,11 @@ def test_a_foreign_sigterm_does_not_stop_the_workers(tmp_path):
     loader, _ = create_train_loader(make_dataset(tmp_path / "data"), 64, 2, HYP, workers=2, seed=7)
     loader.set_epoch(0)
     it = iter(loader)
-    batches = [next(it)]
+    # batches 0 and 1 come from workers 0 and 1 (round robin): both have run worker_init, so the signal
+    # cannot land in the moment before a worker's handler exists (a race the test would otherwise lose on
+    # a loaded machine)
+    batches = [next(it), next(it)]
+    assert len(loader) > len(batches)  # the signal arrives mid-epoch
     workers = [w.pid for w in it._workers]
     subprocess.run(["kill", "-TERM", *map(str, workers)], check=True)  # sent by another process
     batches += list(it)  # the epoch goes on, every batch delivered
