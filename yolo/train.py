@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from yolo.data.loader import TrainLoader
 from yolo.engine import distributed as dist_utils
 from yolo.engine import resume
 from yolo.engine import setup as run_setup
@@ -298,15 +299,15 @@ def should_stop(loop: Loop, stop: StopRequested, epoch: int, iteration: int) -> 
     return dist_utils.any_rank(wanted, ctx, device)
 
 
-def epoch_batches(loader: DataLoader, epoch: int, start: int = 0) -> DataLoader:
+def epoch_batches(loader: TrainLoader, epoch: int, start: int = 0) -> DataLoader:
     """The batches of `epoch` from batch `start` on (same order and augmentations as from 0)."""
     loader.set_epoch(epoch)
     if start == 0:
         return loader
     skip = _SkipSampler(loader.sampler, start * loader.batch_size)
-    return DataLoader(
+    return TrainLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=skip, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
     )  # fmt: skip
 
 

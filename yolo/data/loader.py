@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import multiprocessing.context
+import multiprocessing.popen_fork
 import os
 import signal
-import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -439,8 +440,51 @@ class EpochSampler(Sampler[Key]):
 
 
 # ------------------------------------------------------------------------------------------------- loader
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+class _KilledOnTerminate(multiprocessing.popen_fork.Popen):
+    """A loader worker's process handle. The worker ignores SIGTERM (see worker_init), so terminate() sends
+    SIGKILL: torch's shutdown and multiprocessing's exit handler terminate workers that outlive their queue
+    (the exit handler through this handle, not Process.terminate)."""
+
+    def terminate(self) -> None:
+        self.kill()
+
+
+class _WorkerProcess(multiprocessing.context.ForkProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> _KilledOnTerminate:
+        return _KilledOnTerminate(process_obj)
+
+
+class _WorkerContext(multiprocessing.context.ForkContext):
+    Process = _WorkerProcess
+
+
 class TrainLoader(DataLoader):
-    """A DataLoader whose set_epoch(e) moves both the sampler and the dataset to epoch e."""
+    """A DataLoader whose set_epoch(e) moves both the sampler and the dataset to epoch e.
+
+    Stop signals are the main process's business: a SIGTERM/SIGINT sent to the whole process group or
+    container (Ctrl-C, the image's init under `docker stop`, a pod's PID 1) must not kill a worker the
+    trainer still reads from while it finishes its step and writes last.pt. So workers ignore both, and
+    are forked with both blocked until they do: there is no moment in which a stop signal kills a worker.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("num_workers"):
+            kwargs.setdefault("multiprocessing_context", _WorkerContext())
+            kwargs.setdefault("worker_init_fn", worker_init)
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        # workers inherit the forking thread's mask; a signal sent to this process meanwhile stays pending
+        # (or goes to another of its threads) and is handled once the mask is restored
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -448,23 +492,13 @@ class TrainLoader(DataLoader):
 
 
 def worker_init(_worker_id: int) -> None:
-    """Keep each worker to one thread: the cores are shared with the training step. Stop signals are the
-    main process's business: a SIGTERM/SIGINT sent to the whole process group or container (Ctrl-C, the
-    image's init under `docker stop`, a pod's PID 1) must not kill a worker the trainer still reads from
-    while it finishes its step and writes last.pt. Only a SIGTERM from the parent (the loader, or
-    multiprocessing at exit, terminating its workers) ends a worker."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), daemon=True).start()
+    """In a loader worker: ignore stop signals (see TrainLoader), then unblock them, and keep to one thread
+    (the cores are shared with the training step)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # the disposition is the whole process's, every thread included
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
-
-
-def _end_on_sigterm_from(parent: int) -> None:
-    """In a loader worker: wait for SIGTERMs (blocked, so they queue here) and exit on the parent's."""
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(128 + signal.SIGTERM)
 
 
 def create_train_loader(
@@ -522,7 +556,6 @@ def create_train_loader(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=worker_init if workers else None,
         # image weights change `indices` between epochs; fresh workers pick them up (upstream does the same)
         persistent_workers=workers > 0 and not image_weights,
         # a private generator: creating worker seeds must not consume the global torch RNG of training
