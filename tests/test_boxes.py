@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torchvision
 
+from tests.conftest import REPO
 from yolo.boxes import (
     bbox_iou,
     box_iou,
     clip_boxes,
+    nms_kernel,
     non_max_suppression,
     scale_boxes,
     xywh2xyxy,
@@ -32,7 +36,9 @@ def test_format_conversions(kind):
     np.testing.assert_allclose(np.asarray(a), xyxy)
     np.testing.assert_allclose(np.asarray(xyxy2xywh(wrap(xyxy))), xywh)
     norm = xywh / np.array([100, 50, 100, 50], dtype=np.float32)
-    np.testing.assert_allclose(np.asarray(xywhn2xyxy(wrap(norm), 100, 50, padw=3, padh=4)), xyxy + [3, 4, 3, 4])
+    np.testing.assert_allclose(
+        np.asarray(xywhn2xyxy(wrap(norm), 100, 50, padw=3, padh=4)), xyxy + [3, 4, 3, 4]
+    )
     np.testing.assert_allclose(np.asarray(xyxy2xywhn(wrap(xyxy), 100, 50)), norm, rtol=1e-6)
 
 
@@ -74,7 +80,9 @@ def test_box_iou_matches_torchvision_and_numpy():
     as_np = box_iou(a.numpy(), b.numpy())
     assert isinstance(as_np, np.ndarray)
     np.testing.assert_allclose(as_np, ours.numpy(), rtol=1e-6)
-    assert box_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 1, 3, 3]])).item() == pytest.approx(1 / 7)
+    assert box_iou(torch.tensor([[0.0, 0, 2, 2]]), torch.tensor([[1.0, 1, 3, 3]])).item() == pytest.approx(
+        1 / 7
+    )
 
 
 def test_bbox_iou_family_hand_computed():
@@ -204,3 +212,24 @@ def test_nms_class_offset_keeps_overlapping_boxes_of_different_classes():
 def test_nms_rejects_bad_thresholds():
     with pytest.raises(ValueError):
         non_max_suppression(torch.zeros(1, 1, 6), conf_thres=1.5)
+
+
+def test_nms_kernel_is_torchvisions_and_skips_the_package_import():
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(500, 2, generator=g) * 200
+    boxes = torch.cat((xy, xy + 10 + torch.rand(500, 2, generator=g) * 60), 1)
+    scores = (torch.rand(500, generator=g) * 20).round() / 20  # many ties: the order among them must agree
+    assert torch.equal(nms_kernel()(boxes, scores, 0.45), torchvision.ops.nms(boxes, scores, 0.45))
+    # a fresh process that runs NMS never imports the torchvision package (its import pulls in
+    # torch._dynamo: seconds of start-up for evaluate and train)
+    code = (
+        "import sys, torch; from yolo.boxes import non_max_suppression; "
+        "p = torch.rand(1, 50, 7); p[..., :2] *= 100; p[..., 2:4] *= 30; "
+        "assert non_max_suppression(p, 0.1)[0].shape[0] > 0; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'torch._dynamo')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -22,7 +22,10 @@ def test_scale_image_pads_to_a_stride_multiple_with_grey():
     assert scale_image(x, 1.0, 32) is x
     y = scale_image(x, 0.83, 32)
     assert y.shape == (1, 3, 416, 544)  # int(480 * .83) = 398 -> 416, int(640 * .83) = 531 -> 544
-    assert torch.all(y[..., :398, :531] == 1) and torch.all(y[..., 398:, :] == 0.447)
+    # bilinear weights of a constant image sum to 1 within float rounding (which depends on the kernel
+    # path torch takes for the thread count); the padding is exact
+    torch.testing.assert_close(y[..., :398, :531], torch.ones(1, 3, 398, 531), atol=1e-6, rtol=0)
+    assert torch.all(y[..., 398:, :] == 0.447) and torch.all(y[..., :, 531:] == 0.447)
 
 
 def _marker_model(x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from yolo.backend import Backend, load_backend
+from yolo.backend import Backend, load_backend, on_onnxruntime
 from yolo.boxes import box_iou, non_max_suppression, scale_boxes, xywh2xyxy, xywhn2xyxy, xyxy2xywhn
 from yolo.data.dataset import load_data_config
 from yolo.data.image import letterbox, read_image, resize_long_side
@@ -50,6 +50,7 @@ SPLITS = ("val", "test", "train")
 OUTPUTS = ("per_class.csv", "pr_curve.csv", "confusion_matrix.json", "predictions.json", "image_ids.json",
            "metrics.json", "gate.json")
 VAL_BATCH_PLOTS = 3  # val_batch0..2_{labels,pred}.jpg, as upstream
+VAL_BATCH_IMAGES = 16  # the images of a batch those plots show (upstream's plot_images max_subplots)
 PR_CSV_POINTS = 101
 TASKS = ("val", "test", "speed", "study")
 VERBOSE_CLASSES = 50  # upstream prints per-class rows with --verbose or fewer classes than this  # the COCO recall grid AP is integrated on
@@ -203,6 +204,65 @@ def _images_per_class(labels: Sequence[np.ndarray], classes: np.ndarray, single_
     return counts[classes] if len(classes) else np.zeros(0, int)
 
 
+def _to_batch(batch: Sequence[_Sample], device: torch.device, dtype: torch.dtype,
+              memory_format: torch.memory_format) -> torch.Tensor:
+    """The samples as one float batch in 0..1 in the wanted layout, without an intermediate uint8 stack."""
+    images = torch.empty((len(batch), *batch[0].image.shape), dtype=dtype, device=device, memory_format=memory_format)
+    for i, sample in enumerate(batch):
+        images[i].copy_(torch.from_numpy(sample.image))  # uint8 -> float (and layout) in one pass
+    return images.div_(255)
+
+
+def _nonfinite_rows(out: torch.Tensor) -> int:
+    """Images of a decoded batch holding NaN or inf. A sum is finite only if every value is (the
+    values are pixel coordinates and probabilities: far from overflowing), so the exact per-image
+    count runs only when something is wrong."""
+    if bool(torch.isfinite(out.sum())):
+        return 0
+    return int((~torch.isfinite(out)).flatten(1).any(1).sum())
+
+
+class _Scoring:
+    """What evaluate_model accumulates per image: matching stats, the confusion matrix, COCO records."""
+
+    def __init__(self, nc: int, config: EvalConfig, index, image_ids: dict) -> None:
+        self.config, self.index, self.image_ids = config, index, image_ids
+        self.confusion = ConfusionMatrix(nc=nc)
+        self.stats: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.predictions: list[dict] = []
+        self.seen = 0
+        self.nonfinite_images = 0
+
+    def add(self, members, batch: Sequence[_Sample], detections: Sequence[torch.Tensor], shape) -> None:
+        height, width = shape
+        for dataset_i, sample, det in zip(members, batch, detections, strict=True):
+            self.seen += 1
+            labels = sample.labels
+            label_cls = labels[:, 0]
+            det = det.float().cpu().numpy()
+            if not len(det):
+                if len(labels):
+                    self.stats.append((np.zeros((0, len(IOU_THRESHOLDS)), bool), np.zeros(0, np.float32),
+                                       np.zeros(0, np.float32), label_cls))
+                    self.confusion.update_missed(label_cls)
+                continue
+            if self.config.single_cls:
+                det[:, 5] = 0
+            boxes = scale_boxes((height, width), det[:, :4].copy(), sample.shape0, sample.ratio_pad)
+            if len(labels):
+                label_boxes = xywh2xyxy(labels[:, 1:] * np.array([width, height, width, height], np.float32))
+                scale_boxes((height, width), label_boxes, sample.shape0, sample.ratio_pad)
+                iou = box_iou(label_boxes, boxes)
+                correct = match_predictions(iou, label_cls, det[:, 5])
+                self.confusion.update(iou, label_cls, det[:, 5], det[:, 4])
+            else:
+                correct = np.zeros((len(det), len(IOU_THRESHOLDS)), bool)
+            self.stats.append((correct, det[:, 4], det[:, 5], label_cls))
+            if self.config.collect_predictions:
+                image_id = self.image_ids[self.index.files[int(dataset_i)]]
+                self.predictions += _coco_records(image_id, boxes, det[:, 4], det[:, 5].astype(int))
+
+
 @torch.inference_mode()
 def evaluate_model(
     model: torch.nn.Module,
@@ -230,101 +290,85 @@ def evaluate_model(
     forward = augmented(backend) if config.augment else backend
     require_stride_multiple(config.imgsz, stride)  # one rule everywhere (yolo.imgsz): refused, never rounded
     micro = config.micro_batch or (4 if device.type == "cpu" else config.batch_size)
-    memory_format = torch.channels_last if (config.channels_last and device.type == "cpu") else torch.contiguous_format
+    channels_last = config.channels_last and device.type == "cpu" and backend.meta.kind == "pytorch"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     image_ids = _coco_image_ids(index.files) if config.collect_predictions else {}
 
     was_training = model is not None and model.training
     if model is not None:
         model.eval()
-    confusion = ConfusionMatrix(nc=nc)
-    stats: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    predictions: list[dict] = []
+    scoring = _Scoring(nc, config, index, image_ids)
     seconds = np.zeros(3)  # preprocess, inference, nms
-    seen = 0
-    nonfinite_images = 0
     loss_batches = 0
-    batch_number = 0
     losses = torch.zeros(3, device=device) if compute_loss is not None and model is not None else None
     batches = _rect_batch_stream(index, config, stride)
     if progress:
         batches = tqdm(batches, total=math.ceil(len(index) / max(config.batch_size, 1)), desc="validating",
                        bar_format="{l_bar}{bar:10}{r_bar}", leave=False)
+
+    def post_process(batch_number: int, members, batch, candidates, images) -> None:
+        """NMS, matching and the first batches' plots of one batch: one ordered worker thread runs them
+        while the main thread runs the next batch's forward (stats keep the batch order)."""
+        with torch.inference_mode():  # a per-thread mode: this thread needs its own
+            _score_batch(batch_number, members, batch, candidates, images)
+
+    def _score_batch(batch_number: int, members, batch, candidates, images) -> None:
+        t2 = time.perf_counter()
+        detections = [non_max_suppression(c[None], config.conf_thres, config.iou_thres, multi_label=True,
+                                          agnostic=config.single_cls, max_det=config.max_det)[0]
+                      for c in candidates]
+        _sync(device)
+        seconds[2] += time.perf_counter() - t2
+        if plots and out_dir is not None and batch_number < VAL_BATCH_PLOTS:
+            _plot_val_batch(Path(out_dir), batch_number, images.shape[2:], batch, detections, names)
+        scoring.add(members, batch, detections, images.shape[2:])
+
     try:
-        for members, batch in batches:
-            t0 = time.perf_counter()
-            images = torch.from_numpy(np.stack([s.image for s in batch])).to(device, non_blocking=True)
-            images = images.to(dtype).div_(255).contiguous(memory_format=memory_format)
-            _sync(device)
-            t1 = time.perf_counter()
-            if losses is not None and not config.augment:
-                outputs = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-score") as scorer:
+            previous: Future | None = None
+            for batch_number, (members, batch) in enumerate(batches):
+                t0 = time.perf_counter()
+                images = _to_batch(batch, device, dtype, memory_format)
+                _sync(device)
+                t1 = time.perf_counter()
+                candidates = []  # per image, the rows NMS would keep first (objectness > conf_thres)
                 for i in range(0, len(images), micro):
-                    decoded, maps = model(images[i:i + micro])
-                    outputs.append(decoded)
-                    targets = _loss_targets(batch[i:i + micro], device)
-                    losses += compute_loss([m.float() for m in maps], targets)[1]
-                    loss_batches += 1
-            else:
-                outputs = [forward(images[i:i + micro]) for i in range(0, len(images), micro)]
-            nonfinite_images += sum(int((~torch.isfinite(out)).flatten(1).any(1).sum()) for out in outputs)
-            _sync(device)
-            t2 = time.perf_counter()
-            detections = [d for out in outputs for d in non_max_suppression(
-                out, config.conf_thres, config.iou_thres, multi_label=True, agnostic=config.single_cls,
-                max_det=config.max_det)]
-            _sync(device)
-            t3 = time.perf_counter()
-            seconds += (t1 - t0, t2 - t1, t3 - t2)
-            height, width = images.shape[2:]
-            if plots and out_dir is not None and batch_number < VAL_BATCH_PLOTS:
-                _plot_val_batch(Path(out_dir), batch_number, images, batch, detections, names)
-            batch_number += 1
-            for dataset_i, sample, det in zip(members, batch, detections, strict=True):
-                seen += 1
-                labels = sample.labels
-                label_cls = labels[:, 0]
-                det = det.float().cpu().numpy()
-                if not len(det):
-                    if len(labels):
-                        stats.append((np.zeros((0, len(IOU_THRESHOLDS)), bool), np.zeros(0, np.float32),
-                                      np.zeros(0, np.float32), label_cls))
-                        confusion.update_missed(label_cls)
-                    continue
-                if config.single_cls:
-                    det[:, 5] = 0
-                boxes = scale_boxes((height, width), det[:, :4].copy(), sample.shape0, sample.ratio_pad)
-                if len(labels):
-                    label_boxes = xywh2xyxy(labels[:, 1:] * np.array([width, height, width, height], np.float32))
-                    scale_boxes((height, width), label_boxes, sample.shape0, sample.ratio_pad)
-                    iou = box_iou(label_boxes, boxes)
-                    correct = match_predictions(iou, label_cls, det[:, 5])
-                    confusion.update(iou, label_cls, det[:, 5], det[:, 4])
-                else:
-                    correct = np.zeros((len(det), len(IOU_THRESHOLDS)), bool)
-                stats.append((correct, det[:, 4], det[:, 5], label_cls))
-                if config.collect_predictions:
-                    image_id = image_ids[index.files[int(dataset_i)]]
-                    predictions += _coco_records(image_id, boxes, det[:, 4], det[:, 5].astype(int))
+                    if losses is not None and not config.augment:
+                        decoded, maps = model(images[i:i + micro])
+                        losses += compute_loss([m.float() for m in maps], _loss_targets(batch[i:i + micro], device))[1]
+                        loss_batches += 1
+                    else:
+                        decoded = forward(images[i:i + micro])
+                    scoring.nonfinite_images += _nonfinite_rows(decoded)
+                    candidates += [image[image[:, 4] > config.conf_thres] for image in decoded]
+                _sync(device)
+                seconds[:2] += (t1 - t0, time.perf_counter() - t1)
+                if previous is not None:
+                    previous.result()  # one batch in flight at most: bounded memory, errors surface here
+                previous = scorer.submit(post_process, batch_number, members, batch, candidates, images)
+            if previous is not None:
+                previous.result()
     finally:
         if model is not None:
             model.train(was_training)
 
-    result = _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots)
-    result.nonfinite_images = nonfinite_images
+    result = _summarize(scoring.stats, index, names, nc, scoring.confusion, seconds, scoring.seen,
+                        scoring.predictions, image_ids, out_dir, plots)
+    result.nonfinite_images = scoring.nonfinite_images
     if losses is not None:
         result.losses = (losses / max(loss_batches, 1)).tolist()
     return result
 
 
-def _plot_val_batch(out_dir: Path, k: int, images: torch.Tensor, samples, detections, names) -> None:
+def _plot_val_batch(out_dir: Path, k: int, shape: tuple[int, int], samples, detections, names) -> None:
     """val_batch{k}_labels.jpg and val_batch{k}_pred.jpg as upstream (a plot never fails the evaluation)."""
     try:
         from yolo.plots.batches import plot_batch  # OpenCV drawing: only when drawing
 
-        height, width = images.shape[2:]
+        height, width = shape
         scale = np.array([width, height, width, height], np.float32)
         rows = []
-        for j, det in enumerate(detections):
+        for j, det in enumerate(detections[:VAL_BATCH_IMAGES]):
             det = det.float().cpu().numpy()[:, :6]
             det = det[det[:, 4] > 0.25]  # upstream draws predictions above conf 0.25
             xyxy = det[:, :4] / scale
@@ -332,8 +376,9 @@ def _plot_val_batch(out_dir: Path, k: int, images: torch.Tensor, samples, detect
                              xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1) if len(det) else np.zeros((0, 4))
             rows.append(np.concatenate([np.full((len(det), 1), j), det[:, 5:6], xywh], 1))
         pred = np.concatenate(rows, 0) if rows else np.zeros((0, 6))
-        pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
-        plot_batch(pixels, _loss_targets(samples, torch.device("cpu")), names, out_dir / f"val_batch{k}_labels.jpg")
+        pixels = np.stack([s.image for s in samples[:VAL_BATCH_IMAGES]])  # the uint8 images as loaded
+        labels = _loss_targets(samples[:VAL_BATCH_IMAGES], torch.device("cpu"))
+        plot_batch(pixels, labels, names, out_dir / f"val_batch{k}_labels.jpg")
         plot_batch(pixels, pred.astype(np.float32), names, out_dir / f"val_batch{k}_pred.jpg")
     except Exception as e:  # noqa: BLE001 - drawing must never fail an evaluation
         LOG.warning(f"val_batch{k} images not drawn: {e}")
@@ -620,8 +665,10 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
         raise UserError(f"--weights {cfg.weights} predicts {model.nc} classes but {data.yaml_path} has "
                         f"{data.nc}; pass weights trained on this data (or --single-cls)")
     if device.type != "cuda":
-        torch.set_num_threads(cpu_threads())  # yolo.device's one rule; recorded in metrics.json
-        if cfg.eval.channels_last and model.module is not None:
+        threads = cpu_threads()  # yolo.device's one rule; recorded in metrics.json
+        torch.set_num_threads(threads)
+        model = on_onnxruntime(model, threads)
+        if cfg.eval.channels_last and model.meta.kind == "pytorch":
             model.module.to(memory_format=torch.channels_last)
     names = list(data.names)
     LOG.info(f"evaluating {cfg.weights} on {len(index)} {cfg.split} images at {cfg.eval.imgsz} "

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
+from yolo.backend import DecodedOutput
 from yolo.device import select_device
 from yolo.errors import UserError
 from yolo.files import atomic_path, prepare_out_dir
@@ -52,18 +52,6 @@ class ExportResult:
     input_shape: list[int]
     output_shape: list[int]
     max_abs_diff: float  # exported vs torch on the check image(s)
-
-
-class DecodedOutput(nn.Module):
-    """Wraps a DetectionModel so that forward returns only the decoded tensor (what serving consumes)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.eval()  # the exporters restore the wrapper's mode afterwards, and train() would recurse
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
