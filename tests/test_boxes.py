@@ -13,6 +13,8 @@ import torchvision
 
 from tests.conftest import REPO
 from yolo.boxes import (
+    PER_CLASS_NMS_MIN,
+    _class_offset_nms,
     bbox_iou,
     box_iou,
     clip_boxes,
@@ -233,3 +235,28 @@ def test_nms_kernel_is_torchvisions_and_skips_the_package_import():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_class_nms_keeps_exactly_what_the_class_offset_call_keeps(seed):
+    # thousands of candidates over 80 classes, clustered so that boxes overlap, scores with ties, sorted
+    # by descending score as non_max_suppression hands them over
+    g = torch.Generator().manual_seed(seed)
+    n = 6000
+    centres = torch.rand(40, 2, generator=g) * 600
+    xy = centres[torch.randint(0, 40, (n,), generator=g)] + torch.randn(n, 2, generator=g) * 8
+    wh = 20 + torch.rand(n, 2, generator=g) * 80
+    boxes = torch.cat((xy - wh / 2, xy + wh / 2), 1)
+    scores = (torch.rand(n, generator=g) * 200).round() / 200
+    classes = torch.randint(0, 80, (n,), generator=g).float()
+    order = scores.argsort(descending=True)
+    boxes, scores, classes = boxes[order], scores[order], classes[order]
+    assert n >= PER_CLASS_NMS_MIN
+    reference = nms_kernel()(boxes + classes[:, None] * 7680, scores, 0.6)  # upstream's single call
+    kept = _class_offset_nms(boxes, scores, classes, 0.6, 7680)
+    assert 100 < len(kept) < n and torch.equal(kept, reference)
+    # a span too wide for the shift to separate classes: the single call, same answer as upstream
+    wide = boxes.clone()
+    wide[0] += 9000
+    assert torch.equal(_class_offset_nms(wide, scores, classes, 0.6, 7680),
+                       nms_kernel()(wide + classes[:, None] * 7680, scores, 0.6))

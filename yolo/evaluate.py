@@ -92,6 +92,16 @@ class ClassResult:
 
 
 @dataclass
+class ValBatch:
+    """The first images of one evaluated batch and their detections: what val_batch{k}_*.jpg draw."""
+
+    k: int
+    shape: tuple[int, int]  # the batch's padded (h, w)
+    samples: list  # _Sample, at most VAL_BATCH_IMAGES
+    detections: list[torch.Tensor]  # (n, 6) per sample, on the CPU
+
+
+@dataclass
 class EvalResult:
     """Totals, per class (classes that have labels), speeds; curves and matrix for reports and plots."""
 
@@ -112,6 +122,7 @@ class EvalResult:
     image_ids: dict[str, int | str] = field(default_factory=dict)  # file -> COCO image_id
     nonfinite_images: int = 0  # images whose raw outputs held NaN/inf (NMS silently drops those)
     losses: list[float] | None = None  # mean val box/obj/cls losses (train's validation only)
+    val_batches: list[ValBatch] = field(default_factory=list)  # what val_batch*.jpg show (with plots=True)
 
     def totals(self) -> dict[str, float | int]:
         return {
@@ -276,7 +287,9 @@ def evaluate_model(
     progress: bool = False,
 ) -> EvalResult:
     """Evaluate `model` (already on `device`, fp16 on CUDA if wanted) on a SplitIndex; writes nothing unless
-    out_dir is given (then plots when plots=True). The model's train/eval mode is restored afterwards.
+    out_dir is given (then plots when plots=True). With plots=True the result also keeps the first batches'
+    images (result.val_batches) so that `save_plots` can draw them later. The model's train/eval mode is
+    restored afterwards.
     `compute_loss` (train's YoloLoss, a torch model only): also the mean val box/obj/cls losses, as upstream.
     `progress`: a tqdm bar over the batches (on stderr)."""
     device = torch.device(device)
@@ -298,6 +311,7 @@ def evaluate_model(
     if model is not None:
         model.eval()
     scoring = _Scoring(nc, config, index, image_ids)
+    val_batches: list[ValBatch] = []
     seconds = np.zeros(3)  # preprocess, inference, nms
     loss_batches = 0
     losses = torch.zeros(3, device=device) if compute_loss is not None and model is not None else None
@@ -306,69 +320,68 @@ def evaluate_model(
         batches = tqdm(batches, total=math.ceil(len(index) / max(config.batch_size, 1)), desc="validating",
                        bar_format="{l_bar}{bar:10}{r_bar}", leave=False)
 
-    def post_process(batch_number: int, members, batch, candidates, images) -> None:
-        """NMS, matching and the first batches' plots of one batch: one ordered worker thread runs them
-        while the main thread runs the next batch's forward (stats keep the batch order)."""
-        with torch.inference_mode():  # a per-thread mode: this thread needs its own
-            _score_batch(batch_number, members, batch, candidates, images)
-
-    def _score_batch(batch_number: int, members, batch, candidates, images) -> None:
-        t2 = time.perf_counter()
-        detections = [non_max_suppression(c[None], config.conf_thres, config.iou_thres, multi_label=True,
-                                          agnostic=config.single_cls, max_det=config.max_det)[0]
-                      for c in candidates]
-        _sync(device)
-        seconds[2] += time.perf_counter() - t2
-        if plots and out_dir is not None and batch_number < VAL_BATCH_PLOTS:
-            _plot_val_batch(Path(out_dir), batch_number, images.shape[2:], batch, detections, names)
-        scoring.add(members, batch, detections, images.shape[2:])
-
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-score") as scorer:
-            previous: Future | None = None
-            for batch_number, (members, batch) in enumerate(batches):
-                t0 = time.perf_counter()
-                images = _to_batch(batch, device, dtype, memory_format)
-                _sync(device)
-                t1 = time.perf_counter()
-                candidates = []  # per image, the rows NMS would keep first (objectness > conf_thres)
-                for i in range(0, len(images), micro):
-                    if losses is not None and not config.augment:
-                        decoded, maps = model(images[i:i + micro])
-                        losses += compute_loss([m.float() for m in maps], _loss_targets(batch[i:i + micro], device))[1]
-                        loss_batches += 1
-                    else:
-                        decoded = forward(images[i:i + micro])
-                    scoring.nonfinite_images += _nonfinite_rows(decoded)
-                    candidates += [image[image[:, 4] > config.conf_thres] for image in decoded]
-                _sync(device)
-                seconds[:2] += (t1 - t0, time.perf_counter() - t1)
-                if previous is not None:
-                    previous.result()  # one batch in flight at most: bounded memory, errors surface here
-                previous = scorer.submit(post_process, batch_number, members, batch, candidates, images)
-            if previous is not None:
-                previous.result()
+        for batch_number, (members, batch) in enumerate(batches):
+            t0 = time.perf_counter()
+            images = _to_batch(batch, device, dtype, memory_format)
+            _sync(device)
+            t1 = time.perf_counter()
+            candidates = []  # per image, the rows NMS keeps first (objectness > conf_thres): the rest is freed
+            for i in range(0, len(images), micro):
+                if losses is not None and not config.augment:
+                    decoded, maps = model(images[i:i + micro])
+                    losses += compute_loss([m.float() for m in maps], _loss_targets(batch[i:i + micro], device))[1]
+                    loss_batches += 1
+                else:
+                    decoded = forward(images[i:i + micro])
+                scoring.nonfinite_images += _nonfinite_rows(decoded)
+                candidates += [image[image[:, 4] > config.conf_thres] for image in decoded]
+            _sync(device)
+            t2 = time.perf_counter()
+            detections = [non_max_suppression(c[None], config.conf_thres, config.iou_thres, multi_label=True,
+                                              agnostic=config.single_cls, max_det=config.max_det)[0]
+                          for c in candidates]
+            _sync(device)
+            seconds += (t1 - t0, t2 - t1, time.perf_counter() - t2)
+            if plots and batch_number < VAL_BATCH_PLOTS:
+                val_batches.append(ValBatch(batch_number, tuple(images.shape[2:]), list(batch[:VAL_BATCH_IMAGES]),
+                                            [d.cpu() for d in detections[:VAL_BATCH_IMAGES]]))
+            scoring.add(members, batch, detections, images.shape[2:])
     finally:
         if model is not None:
             model.train(was_training)
 
     result = _summarize(scoring.stats, index, names, nc, scoring.confusion, seconds, scoring.seen,
-                        scoring.predictions, image_ids, out_dir, plots)
+                        scoring.predictions, image_ids)
     result.nonfinite_images = scoring.nonfinite_images
+    result.val_batches = val_batches
+    if plots and out_dir is not None:
+        save_plots(result, Path(out_dir))
     if losses is not None:
         result.losses = (losses / max(loss_batches, 1)).tolist()
     return result
 
 
-def _plot_val_batch(out_dir: Path, k: int, shape: tuple[int, int], samples, detections, names) -> None:
+def save_plots(result: EvalResult, out_dir: Path) -> None:
+    """Everything evaluate draws, into out_dir: val_batch*_{labels,pred}.jpg (from result.val_batches),
+    the PR/F1/P/R curves and the confusion matrix. The trainer calls it once, for its best epoch."""
+    from yolo.plots.evaluation import save_evaluation_plots  # matplotlib only when drawing
+
+    for batch in result.val_batches:
+        _plot_val_batch(out_dir, batch, result.names)
+    save_evaluation_plots(result.class_ap, result.confusion.normalized(), result.names, out_dir)
+
+
+def _plot_val_batch(out_dir: Path, batch: ValBatch, names) -> None:
     """val_batch{k}_labels.jpg and val_batch{k}_pred.jpg as upstream (a plot never fails the evaluation)."""
+    k, samples = batch.k, batch.samples
     try:
         from yolo.plots.batches import plot_batch  # OpenCV drawing: only when drawing
 
-        height, width = shape
+        height, width = batch.shape
         scale = np.array([width, height, width, height], np.float32)
         rows = []
-        for j, det in enumerate(detections[:VAL_BATCH_IMAGES]):
+        for j, det in enumerate(batch.detections):
             det = det.float().cpu().numpy()[:, :6]
             det = det[det[:, 4] > 0.25]  # upstream draws predictions above conf 0.25
             xyxy = det[:, :4] / scale
@@ -376,8 +389,8 @@ def _plot_val_batch(out_dir: Path, k: int, shape: tuple[int, int], samples, dete
                              xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], 1) if len(det) else np.zeros((0, 4))
             rows.append(np.concatenate([np.full((len(det), 1), j), det[:, 5:6], xywh], 1))
         pred = np.concatenate(rows, 0) if rows else np.zeros((0, 6))
-        pixels = np.stack([s.image for s in samples[:VAL_BATCH_IMAGES]])  # the uint8 images as loaded
-        labels = _loss_targets(samples[:VAL_BATCH_IMAGES], torch.device("cpu"))
+        pixels = np.stack([s.image for s in samples])  # the uint8 images as loaded
+        labels = _loss_targets(samples, torch.device("cpu"))
         plot_batch(pixels, labels, names, out_dir / f"val_batch{k}_labels.jpg")
         plot_batch(pixels, pred.astype(np.float32), names, out_dir / f"val_batch{k}_pred.jpg")
     except Exception as e:  # noqa: BLE001 - drawing must never fail an evaluation
@@ -391,7 +404,7 @@ def _loss_targets(samples, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rows, 0) if rows else np.zeros((0, 6), np.float32)).to(device)
 
 
-def _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids, out_dir, plots) -> EvalResult:
+def _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, image_ids) -> EvalResult:
     if stats:
         tp, conf, pred_cls, target_cls = (np.concatenate(x, 0) for x in zip(*stats, strict=True))
     else:
@@ -422,10 +435,6 @@ def _summarize(stats, index, names, nc, confusion, seconds, seen, predictions, i
         per_class=per_class, maps=maps, class_ap=class_ap, confusion=confusion, names=list(names),
         predictions=predictions, image_ids=image_ids,
     )
-    if out_dir is not None and plots:
-        from yolo.plots.evaluation import save_evaluation_plots  # matplotlib only when drawing
-
-        save_evaluation_plots(class_ap, confusion.normalized(), result.names, Path(out_dir))
     return result
 
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import logging
 import math
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +48,7 @@ from yolo.engine.reporting import RunReport, history_row
 from yolo.engine.setup import RunSetup
 from yolo.engine.state import EpochLog, TrainState, restore_rng
 from yolo.errors import UserError
-from yolo.evaluate import EvalConfig, evaluate_model
+from yolo.evaluate import EvalConfig, EvalResult, evaluate_model, save_plots
 from yolo.files import write_json
 from yolo.model.checkpoint import load_checkpoint, model_from_checkpoint
 from yolo.redact import redact, strip_credentials
@@ -92,12 +94,17 @@ class Loop:
     stride: int  # the model's largest stride (--multi-scale sizes are multiples of it)
     mirror: MidEpochMirror  # when to write last.pt mid-epoch (rank 0; off elsewhere)
     resumed_epoch_seconds: float = 0.0  # time already spent in a mid-epoch-resumed epoch
+    last_eval: EvalResult | None = None  # this process's latest validation (rank 0)
+    best_eval: EvalResult | None = None  # the validation of the epoch best.pt holds, if this process ran it
 
 
 # ------------------------------------------------------------------------------------------ driver
 def train(cfg: TrainConfig, stop: StopRequested | None = None) -> TrainResult:
     """Run the train step described by `cfg` (the CLI's `train`); `stop` decides when to stop early
     (default: on SIGTERM/SIGINT)."""
+    # torch.optim imports torch._dynamo when the optimizer is built (~2 s on a 2-core CPU): start that
+    # import now, so that it overlaps reading the data and building the model instead of following them
+    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="import-dynamo").start()
     ctx = dist_utils.context_from_env()
     # process-wide torch settings a run changes (--deterministic, threads): restored for library callers
     saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
@@ -167,8 +174,24 @@ def fit(loop: Loop, stop: StopRequested) -> TrainResult:
             f"accumulate to {loop.schedule.accumulate(10**9)} batches, imgsz {cfg.imgsz}, {setup.device}, "
             f"{setup.train_loader.num_workers} loader workers -> {setup.out}"
         )
+    labels_plot = None
     if state.epoch == 0 and state.iteration == 0:
-        loop.report.plot_labels(setup.train_index.labels, cfg.seed)
+        # drawn while the loader workers start and the first epoch runs (Agg figures, no pyplot state):
+        # ~2 s of matplotlib that would otherwise come before the first step
+        labels_plot = threading.Thread(target=loop.report.plot_labels, args=(setup.train_index.labels, cfg.seed),
+                                       name="plot-labels", daemon=True)
+        labels_plot.start()
+    try:
+        return run_epochs(loop, stop)
+    finally:
+        if labels_plot is not None:
+            labels_plot.join()
+
+
+def run_epochs(loop: Loop, stop: StopRequested) -> TrainResult:
+    """The epochs from state.epoch on, then the run's end (or its preemption)."""
+    setup, state = loop.setup, loop.state
+    cfg, ctx = setup.cfg, setup.ctx
     for epoch in range(state.epoch, cfg.epochs):
         state.epoch = epoch
         if not train_one_epoch(loop, epoch, stop):
@@ -339,7 +362,8 @@ def validate(loop: Loop, epoch: int) -> dict[str, float] | None:
     config = EvalConfig(imgsz=cfg.imgsz, batch_size=max(cfg.batch_size // ctx.world_size * 2, 1),
                         single_cls=cfg.single_cls)
     result = evaluate_model(model, setup.val_index, config, setup.device, setup.names,
-                            compute_loss=setup.compute_loss, progress=True)
+                            compute_loss=setup.compute_loss, plots=True, progress=True)
+    loop.last_eval = result
     state.last_maps = result.maps
     losses = dict(zip(("val/box_loss", "val/obj_loss", "val/cls_loss"), result.losses or (), strict=False))
     return {**result.totals(), **losses}
@@ -356,6 +380,7 @@ def end_epoch(loop: Loop, epoch: int, metrics: dict[str, float] | None) -> bool:
         save_last(loop)
         if improved:
             loop.checkpoints.save_best(loop.ema.ema, epoch, metrics)
+            loop.best_eval = loop.last_eval if metrics is not None else None
         period = loop.setup.cfg.save_period
         if period > 0 and (epoch + 1) % period == 0:
             loop.checkpoints.save_epoch(loop.ema.ema, epoch, metrics)
@@ -425,18 +450,24 @@ def finish(loop: Loop) -> TrainResult:
 
 
 def validate_best(loop: Loop) -> None:
-    """As upstream at the end of training: best.pt validated once more, with the plots (confusion matrix,
-    PR/F1/P/R curves, val_batch images) drawn into the run folder. Numbers are not recorded again."""
+    """The plots of the best model (confusion matrix, PR/F1/P/R curves, val_batch images) in the run
+    folder, as upstream draws them at the end of training. Numbers are not recorded again. Upstream
+    validates best.pt once more for them; the validation of the best epoch already ran in this process
+    (the EMA that best.pt stores in fp16), so its kept results are drawn instead: a whole validation
+    saved. A run resumed after its best epoch has no such results and validates best.pt as upstream."""
     setup = loop.setup
     best = setup.out / "weights" / "best.pt"
     if not best.is_file():
         return
-    model = model_from_checkpoint(load_checkpoint(best), nc=len(setup.names)).to(setup.device)
-    model = model.half() if loop.amp else model.float()
-    config = EvalConfig(imgsz=setup.cfg.imgsz, batch_size=max(setup.cfg.batch_size * 2, 1),
-                        single_cls=setup.cfg.single_cls)
-    evaluate_model(model, setup.val_index, config, setup.device, setup.names, out_dir=setup.out, plots=True,
-                   progress=True)
+    if loop.best_eval is not None:
+        save_plots(loop.best_eval, setup.out)
+    else:
+        model = model_from_checkpoint(load_checkpoint(best), nc=len(setup.names)).to(setup.device)
+        model = model.half() if loop.amp else model.float()
+        config = EvalConfig(imgsz=setup.cfg.imgsz, batch_size=max(setup.cfg.batch_size * 2, 1),
+                            single_cls=setup.cfg.single_cls)
+        evaluate_model(model, setup.val_index, config, setup.device, setup.names, out_dir=setup.out, plots=True,
+                       progress=True)
     for name in ("confusion_matrix.png", "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"):
         if (setup.out / name).is_file():
             loop.checkpoints.publish(setup.out / name, name)

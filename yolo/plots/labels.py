@@ -15,15 +15,6 @@ HIST_BINS = 50
 PNG_METADATA = {"Software": None}  # no matplotlib version in the file: same input, same bytes
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path, dpi: int) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, metadata=PNG_METADATA)
@@ -48,17 +39,19 @@ def _hist2d(ax, x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str) -> None:
 def plot_labels(boxes: np.ndarray, names: Sequence[str], path: str | Path, seed: int = 0) -> Path:
     """The 2x2 label overview as upstream: instances per class, a sample of box shapes drawn centred at
     their normalised sizes, centre x/y and width/height 2D histograms. boxes: (N, 5) [class, x, y, w, h]."""
-    plt = _pyplot()
+    from matplotlib import colormaps
     from matplotlib.collections import PatchCollection
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
     nc = len(names)
     cls = boxes[:, 0].astype(np.int64)
     counts = np.bincount(cls, minlength=nc)[:nc]
-    colors = plt.get_cmap("tab20")(np.arange(max(nc, 1)) % 20)
+    colors = colormaps["tab20"](np.arange(max(nc, 1)) % 20)
 
-    fig, axes = plt.subplots(2, 2, figsize=(8, 8))
+    fig = Figure(figsize=(8, 8))  # no pyplot: the trainer draws this in a background thread
+    axes = fig.subplots(2, 2)
     ax = axes[0, 0]
     ax.bar(np.arange(nc), counts, color=colors[:nc], width=0.8)
     ax.set_ylabel("instances")
@@ -85,18 +78,17 @@ def plot_labels(boxes: np.ndarray, names: Sequence[str], path: str | Path, seed:
     _hist2d(axes[1, 0], boxes[:, 1], boxes[:, 2], "x", "y")
     _hist2d(axes[1, 1], boxes[:, 3], boxes[:, 4], "width", "height")
     fig.tight_layout()
-    try:
-        return _save(fig, Path(path), dpi=150)
-    finally:
-        plt.close(fig)
+    return _save(fig, Path(path), dpi=150)
 
 
 def plot_correlogram(boxes: np.ndarray, path: str | Path) -> Path:
     """Pairwise x, y, width, height of every label: histograms on the diagonal, 2D histograms elsewhere."""
-    plt = _pyplot()
+    from matplotlib.figure import Figure
+
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
     columns = ("x", "y", "width", "height")
-    fig, axes = plt.subplots(4, 4, figsize=(8, 8), sharex="col")
+    fig = Figure(figsize=(8, 8))
+    axes = fig.subplots(4, 4, sharex="col")
     for i in range(4):
         for j in range(4):
             ax = axes[i, j]
@@ -112,7 +104,4 @@ def plot_correlogram(boxes: np.ndarray, path: str | Path) -> Path:
                 ax.set_ylabel(columns[i])
             ax.tick_params(labelsize=6)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.06, top=0.98, wspace=0.3, hspace=0.15)  # no layout pass
-    try:
-        return _save(fig, Path(path), dpi=120)
-    finally:
-        plt.close(fig)
+    return _save(fig, Path(path), dpi=120)
