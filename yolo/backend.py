@@ -125,7 +125,7 @@ class DecodedOutput(nn.Module):
 def on_onnxruntime(backend: Backend, threads: int) -> Backend:
     """A CPU PyTorch backend's model run by ONNX Runtime with `threads` intra-op threads, exported in
     memory with dynamic batch and sides (about half a second for yolov5n). On this 2-core CPU its
-    kernels run yolov5n at 640 in ~23 ms/image against eager PyTorch's ~40 (docs/benchmarks.md), and
+    kernels run yolov5n on coco128 at 640 ~1.2-1.35x faster than eager PyTorch (docs/benchmarks.md), and
     coco128's mAP moves by ~1e-7. Anything else (a GPU, an export, a model ONNX cannot take, no
     onnxruntime installed) comes back unchanged, with the reason logged."""
     if backend.meta.kind != "pytorch" or backend.device.type != "cpu" or backend.module is None:
@@ -133,7 +133,7 @@ def on_onnxruntime(backend: Backend, threads: int) -> Backend:
     try:
         import onnxruntime as ort
     except ImportError:
-        LOG.info("onnxruntime is not installed: evaluating with PyTorch (pip install onnxruntime: ~1.7x faster)")
+        LOG.info("onnxruntime is not installed: evaluating with PyTorch (pip install onnxruntime: faster on CPUs)")
         return backend
     h = w = 2 * backend.meta.stride
     buffer = io.BytesIO()
@@ -206,7 +206,7 @@ def _onnx(path: Path, device: torch.device) -> Backend:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise UserError(f"{path}: running ONNX models needs onnxruntime: pip install 'yolo-pipeline[export]'") from None
+        raise UserError(f"{path}: running ONNX models needs onnxruntime (a dependency): pip install onnxruntime") from None
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
