@@ -367,9 +367,12 @@ def save_plots(result: EvalResult, out_dir: Path) -> None:
     the PR/F1/P/R curves and the confusion matrix. The trainer calls it once, for its best epoch."""
     from yolo.plots.evaluation import save_evaluation_plots  # matplotlib only when drawing
 
-    for batch in result.val_batches:
-        _plot_val_batch(out_dir, batch, result.names)
-    save_evaluation_plots(result.class_ap, result.confusion.normalized(), result.names, out_dir)
+    # the val_batch images are OpenCV work (it releases the GIL): drawn beside matplotlib's curves
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="val-batch-plots") as pool:
+        drawn = [pool.submit(_plot_val_batch, out_dir, batch, result.names) for batch in result.val_batches]
+        save_evaluation_plots(result.class_ap, result.confusion.normalized(), result.names, out_dir)
+        for future in drawn:
+            future.result()
 
 
 def _plot_val_batch(out_dir: Path, batch: ValBatch, names) -> None:
@@ -667,6 +670,16 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     if len(index) == 0:
         raise UserError(f"{data.yaml_path}: split `{cfg.split}` has no usable images")
 
+    # the dataset fingerprint (lineage) also covers the other splits: verified in the background while
+    # the model loads and runs (hashing and decoding release the GIL)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint") as background:
+        fingerprint = background.submit(dataset_fingerprint_of, data, cfg.index, {cfg.split: index.fingerprint})
+        result, gate = _evaluate_and_gate(cfg, device, data, index, baseline, out, speed_only, fingerprint)
+    return result, gate
+
+
+def _evaluate_and_gate(cfg: EvaluateStepConfig, device: torch.device, data, index, baseline: dict | None,
+                       out: Path, speed_only: bool, fingerprint: Future) -> tuple[EvalResult, dict]:
     model = load_backend(cfg.weights, device, half=device.type == "cuda")
     if model.module is not None:  # NaN weights score 0 and would still promote
         refuse_nonfinite_model(model.module, f"--weights {cfg.weights}")
@@ -692,8 +705,7 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
         raise UserError(f"--weights {cfg.weights}: the outputs for {result.nonfinite_images} image(s) hold NaN or "
                         f"infinite values; not scored, not promoted")
 
-    fingerprint = dataset_fingerprint_of(data, cfg.index, {cfg.split: index.fingerprint})  # = validate's
-    metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
+    metrics = metrics_document(result, fingerprint.result(), cfg.data_version, str(cfg.weights), index.skipped)
     metrics["cpu_threads"] = torch.get_num_threads()
     gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
                           cfg.max_class_drop, promote_without_gate=cfg.promote_without_gate)
