@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import side_by_side  # bench/: the same timing (/usr/bin/time, load average)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,18 +93,9 @@ def make_dataset(folder: Path, n: int) -> Path:
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]:
-    with tempfile.NamedTemporaryFile("r", suffix=".time") as t:
-        proc = subprocess.run(
-            ["/usr/bin/time", "-o", t.name, "-f", "%e %M", *cmd],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        if proc.returncode != 0:
-            sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-        wall, rss = t.read().split()[-2:]
-    return float(wall), int(rss) / 1e6
+    """(wall seconds, peak RSS GB) of `cmd`, with this checkout importable."""
+    res = side_by_side.timed(cmd, cwd or REPO, {**os.environ, "PYTHONPATH": str(REPO)})
+    return res["wall"], res["rss_gb"]
 
 
 def main() -> int:

@@ -37,6 +37,7 @@ from torch import nn
 from yolo.errors import UserError
 
 LOG = logging.getLogger(__name__)
+ONNX_OPSET = 17  # `export --opset` default, and the opset evaluate's in-memory export uses
 PAD_VALUE = 114 / 255  # what letterbox pads with, so padding a fixed-shape input adds more of the same
 
 
@@ -122,6 +123,23 @@ class DecodedOutput(nn.Module):
         return self.model(x)[0]
 
 
+ONNX_DYNAMIC_AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}}
+
+
+def export_onnx(wrapper: nn.Module, sample: torch.Tensor, f: str | io.BytesIO, opset: int, dynamic: bool) -> None:
+    """`wrapper` (a DecodedOutput) to ONNX at `f` (a path or a buffer): input `images`, output `output0`.
+    The TorchScript-based exporter: torch.export's needs onnxscript and re-traces Detect's cached grids;
+    the legacy one is exact here and carries dynamic axes (its deprecation notes are silenced)."""
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(
+            wrapper, (sample,), f, dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=["images"], output_names=["output0"], dynamic_axes=ONNX_DYNAMIC_AXES if dynamic else None,
+        )  # fmt: skip
+
+
 def on_onnxruntime(backend: Backend, threads: int) -> Backend:
     """A CPU PyTorch backend's model run by ONNX Runtime with `threads` intra-op threads, exported in
     memory with dynamic batch and sides (about half a second for yolov5n). On this 2-core CPU its
@@ -135,16 +153,10 @@ def on_onnxruntime(backend: Backend, threads: int) -> Backend:
     except ImportError:
         LOG.info("onnxruntime is not installed: evaluating with PyTorch (pip install onnxruntime: faster on CPUs)")
         return backend
-    h = w = 2 * backend.meta.stride
+    side = 2 * backend.meta.stride
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer notes
-            torch.onnx.export(
-                DecodedOutput(backend.module), (torch.zeros(1, 3, h, w),), buffer, dynamo=False, opset_version=17,
-                do_constant_folding=True, input_names=["images"], output_names=["output0"],
-                dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}},
-            )  # fmt: skip
+        export_onnx(DecodedOutput(backend.module), torch.zeros(1, 3, side, side), buffer, ONNX_OPSET, dynamic=True)
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

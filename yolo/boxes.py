@@ -187,8 +187,7 @@ def _class_offset_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.
     that is when all coordinates span less than max_wh (checked; otherwise the single call)."""
     kernel = nms_kernel()
     shifted = boxes + classes[:, None] * max_wh  # per class too: the shift rounds coordinates, as upstream's
-    span = float(boxes.max() - boxes.min()) if len(boxes) else 0.0
-    if max_wh == 0 or len(boxes) < PER_CLASS_NMS_MIN or not span < max_wh - 1:
+    if max_wh == 0 or len(boxes) < PER_CLASS_NMS_MIN or not float(boxes.max() - boxes.min()) < max_wh - 1:
         return kernel(shifted, scores, iou_thres)
     order = torch.argsort(classes, stable=True)  # grouped by class, ascending position within each
     counts = torch.unique_consecutive(classes[order], return_counts=True)[1].tolist()

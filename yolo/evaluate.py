@@ -217,11 +217,11 @@ def _images_per_class(labels: Sequence[np.ndarray], classes: np.ndarray, single_
 
 def _to_batch(batch: Sequence[_Sample], device: torch.device, dtype: torch.dtype,
               memory_format: torch.memory_format) -> torch.Tensor:
-    """The samples as one float batch in 0..1 in the wanted layout, without an intermediate uint8 stack."""
-    images = torch.empty((len(batch), *batch[0].image.shape), dtype=dtype, device=device, memory_format=memory_format)
-    for i, sample in enumerate(batch):
-        images[i].copy_(torch.from_numpy(sample.image))  # uint8 -> float (and layout) in one pass
-    return images.div_(255)
+    """The samples as one float batch in 0..1 in the wanted layout: one uint8 transfer to the device, then
+    dtype and layout change in a single copy."""
+    stacked = torch.from_numpy(np.stack([s.image for s in batch])).to(device, non_blocking=True)
+    images = torch.empty(stacked.shape, dtype=dtype, device=device, memory_format=memory_format)
+    return images.copy_(stacked).div_(255)
 
 
 def _nonfinite_rows(out: torch.Tensor) -> int:
@@ -670,16 +670,6 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     if len(index) == 0:
         raise UserError(f"{data.yaml_path}: split `{cfg.split}` has no usable images")
 
-    # the dataset fingerprint (lineage) also covers the other splits: verified in the background while
-    # the model loads and runs (hashing and decoding release the GIL)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint") as background:
-        fingerprint = background.submit(dataset_fingerprint_of, data, cfg.index, {cfg.split: index.fingerprint})
-        result, gate = _evaluate_and_gate(cfg, device, data, index, baseline, out, speed_only, fingerprint)
-    return result, gate
-
-
-def _evaluate_and_gate(cfg: EvaluateStepConfig, device: torch.device, data, index, baseline: dict | None,
-                       out: Path, speed_only: bool, fingerprint: Future) -> tuple[EvalResult, dict]:
     model = load_backend(cfg.weights, device, half=device.type == "cuda")
     if model.module is not None:  # NaN weights score 0 and would still promote
         refuse_nonfinite_model(model.module, f"--weights {cfg.weights}")
@@ -692,20 +682,35 @@ def _evaluate_and_gate(cfg: EvaluateStepConfig, device: torch.device, data, inde
         model = on_onnxruntime(model, threads)
         if cfg.eval.channels_last and model.meta.kind == "pytorch":
             model.module.to(memory_format=torch.channels_last)
-    names = list(data.names)
+    if speed_only:
+        return _evaluate(cfg, device, data, index, model, out, plots=False), {}
+    # the dataset fingerprint (lineage) also covers the other splits: verified in the background while
+    # the model runs (hashing and decoding release the GIL); started after every check of the inputs
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint") as background:
+        pending = background.submit(dataset_fingerprint_of, data, cfg.index, {cfg.split: index.fingerprint})
+        result = _evaluate(cfg, device, data, index, model, out, plots=True)
+        fingerprint = pending.result()
+    return _write_outputs(cfg, result, index, fingerprint, baseline, out)
+
+
+def _evaluate(cfg: EvaluateStepConfig, device: torch.device, data, index, model: Backend, out: Path,
+              plots: bool) -> EvalResult:
     LOG.info(f"evaluating {cfg.weights} on {len(index)} {cfg.split} images at {cfg.eval.imgsz} "
              f"(batch {cfg.eval.batch_size}) on {device}")
     t = time.perf_counter()
-    result = evaluate_model(model, index, cfg.eval, device, names, out_dir=None if speed_only else out,
-                            plots=not speed_only, progress=True)
+    result = evaluate_model(model, index, cfg.eval, device, list(data.names), out_dir=out if plots else None,
+                            plots=plots, progress=True)
     LOG.info(f"evaluated in {time.perf_counter() - t:.1f}s")
-    if speed_only:
-        return result, {}
+    return result
+
+
+def _write_outputs(cfg: EvaluateStepConfig, result: EvalResult, index, fingerprint: str, baseline: dict | None,
+                   out: Path) -> tuple[EvalResult, dict]:
+    """Every output besides the plots, results last; returns the result and gate.json's content."""
     if result.nonfinite_images:
         raise UserError(f"--weights {cfg.weights}: the outputs for {result.nonfinite_images} image(s) hold NaN or "
                         f"infinite values; not scored, not promoted")
-
-    metrics = metrics_document(result, fingerprint.result(), cfg.data_version, str(cfg.weights), index.skipped)
+    metrics = metrics_document(result, fingerprint, cfg.data_version, str(cfg.weights), index.skipped)
     metrics["cpu_threads"] = torch.get_num_threads()
     gate = promotion_gate(metrics, baseline, str(cfg.baseline) if cfg.baseline else None, cfg.min_map50,
                           cfg.max_class_drop, promote_without_gate=cfg.promote_without_gate)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from yolo.backend import DecodedOutput
+from yolo.backend import ONNX_OPSET, DecodedOutput, export_onnx
 from yolo.device import select_device
 from yolo.errors import UserError
 from yolo.files import atomic_path, prepare_out_dir
@@ -43,7 +43,7 @@ class ExportConfig:
     dynamic: bool = False
     half: bool = False
     device: str = ""
-    opset: int = 17
+    opset: int = ONNX_OPSET
 
 
 @dataclass
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
     parser.add_argument("--half", action="store_true", help="fp16 (CUDA only)")
     parser.add_argument("--device", default="", help="cuda device (0) or cpu (default: a GPU when there is one, else the CPU)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (12 or newer)")
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset (12 or newer)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,19 +137,7 @@ def _export_onnx(wrapper, im, path: Path, cfg: ExportConfig, meta: dict, checks)
     except ImportError as e:
         raise UserError(f"ONNX export needs onnx and onnxruntime ({e.name} missing): "
                         "pip install 'yolo-pipeline[export]'") from None  # fmt: skip
-    dynamic_axes = None
-    if cfg.dynamic:
-        dynamic_axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 1: "anchors"}}
-    with warnings.catch_warnings():
-        # the TorchScript-based exporter is deprecated in favour of torch.export's, which needs onnxscript
-        # and re-traces Detect's cached grids; the legacy one is exact here and carries dynamic axes
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            wrapper, (im,), str(path), dynamo=False, opset_version=cfg.opset, do_constant_folding=True,
-            input_names=["images"], output_names=["output0"], dynamic_axes=dynamic_axes,
-        )  # fmt: skip
+    export_onnx(wrapper, im, str(path), cfg.opset, cfg.dynamic)
     model_onnx = onnx.load(str(path))
     onnx.checker.check_model(model_onnx)
     for key, value in meta.items():  # what upstream's loaders read back (stride, names)
