@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,6 +185,53 @@ def _rect_batch_stream(index, config: EvalConfig, stride: int) -> Iterator[tuple
             yield members, [f.result() for f in futures]
 
 
+@dataclass
+class _Chunk:
+    """One micro-batch: consecutive images of a rect batch, all of the batch's padded shape."""
+
+    batch_number: int
+    start: int  # position of its first image in the rect batch
+    members: np.ndarray  # dataset indices
+    samples: list[_Sample]
+    shape: tuple[int, int]  # the rect batch's padded (h, w)
+
+
+def _chunks(batches: Iterator[tuple[np.ndarray, list[_Sample]]], micro: int) -> Iterator[_Chunk]:
+    for batch_number, (members, batch) in enumerate(batches):
+        shape = (int(batch[0].image.shape[1]), int(batch[0].image.shape[2]))
+        for i in range(0, len(batch), micro):
+            yield _Chunk(batch_number, i, members[i:i + micro], batch[i:i + micro], shape)
+
+
+def _ahead(items: Iterator, fn: Callable, overlap: bool) -> Iterator[tuple[Any, Any]]:
+    """(item, fn(item)) in order. With overlap, fn runs one item ahead in a worker thread: the caller's
+    work on item k (NMS, matching: single-threaded) then fills the core that fn(item k+1) leaves idle.
+    That pays for ONNX Runtime, whose own thread pool releases the GIL and yields (evaluate at 640 on 2
+    cores: -1.5 to -2.7 s of ~17); eager PyTorch on the CPU got slower (4.5 -> 5.2 s at 320: two OpenMP
+    teams on two cores), so it runs in order. At most two results exist at a time. The worker keeps the
+    caller's intra-op thread count and runs in inference mode (both are per thread in torch)."""
+    threads = torch.get_num_threads()
+    if not overlap:
+        for item in items:
+            yield item, fn(item)
+        return
+
+    def call(item):
+        with torch.inference_mode():
+            return fn(item)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="eval-forward", initializer=torch.set_num_threads,
+                            initargs=(threads,)) as pool:
+        pending: tuple[Any, Future] | None = None
+        for item in items:
+            future = pool.submit(call, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 # --------------------------------------------------------------------------------------- evaluation
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -320,33 +367,42 @@ def evaluate_model(
         batches = tqdm(batches, total=math.ceil(len(index) / max(config.batch_size, 1)), desc="validating",
                        bar_format="{l_bar}{bar:10}{r_bar}", leave=False)
 
+    def run_chunk(chunk: _Chunk) -> tuple[torch.Tensor, float, float]:
+        """The forward pass of one micro-batch (and its val losses): runs one chunk ahead of the caller."""
+        nonlocal losses, loss_batches
+        t0 = time.perf_counter()
+        images = _to_batch(chunk.samples, device, dtype, memory_format)
+        _sync(device)
+        t1 = time.perf_counter()
+        if losses is not None and not config.augment:
+            decoded, maps = model(images)
+            losses += compute_loss([m.float() for m in maps], _loss_targets(chunk.samples, device))[1]
+            loss_batches += 1
+        else:
+            decoded = forward(images)
+        _sync(device)
+        return decoded, t1 - t0, time.perf_counter() - t1
+
     try:
-        for batch_number, (members, batch) in enumerate(batches):
-            t0 = time.perf_counter()
-            images = _to_batch(batch, device, dtype, memory_format)
-            _sync(device)
-            t1 = time.perf_counter()
-            candidates = []  # per image, the rows NMS keeps first (objectness > conf_thres): the rest is freed
-            for i in range(0, len(images), micro):
-                if losses is not None and not config.augment:
-                    decoded, maps = model(images[i:i + micro])
-                    losses += compute_loss([m.float() for m in maps], _loss_targets(batch[i:i + micro], device))[1]
-                    loss_batches += 1
-                else:
-                    decoded = forward(images[i:i + micro])
-                scoring.nonfinite_images += _nonfinite_rows(decoded)
-                candidates += [image[image[:, 4] > config.conf_thres] for image in decoded]
-            _sync(device)
+        overlap = backend.meta.kind == "onnxruntime"
+        for chunk, (decoded, t_pre, t_forward) in _ahead(_chunks(batches, micro), run_chunk, overlap):
             t2 = time.perf_counter()
+            scoring.nonfinite_images += _nonfinite_rows(decoded)
+            # per image, the rows NMS keeps first (objectness > conf_thres): the rest is freed right away
+            candidates = [image[image[:, 4] > config.conf_thres] for image in decoded]
+            del decoded
             detections = [non_max_suppression(c[None], config.conf_thres, config.iou_thres, multi_label=True,
                                               agnostic=config.single_cls, max_det=config.max_det)[0]
                           for c in candidates]
             _sync(device)
-            seconds += (t1 - t0, t2 - t1, time.perf_counter() - t2)
-            if plots and batch_number < VAL_BATCH_PLOTS:
-                val_batches.append(ValBatch(batch_number, tuple(images.shape[2:]), list(batch[:VAL_BATCH_IMAGES]),
-                                            [d.cpu() for d in detections[:VAL_BATCH_IMAGES]]))
-            scoring.add(members, batch, detections, images.shape[2:])
+            seconds += (t_pre, t_forward, time.perf_counter() - t2)
+            if plots and chunk.batch_number < VAL_BATCH_PLOTS and chunk.start < VAL_BATCH_IMAGES:
+                if chunk.start == 0:
+                    val_batches.append(ValBatch(chunk.batch_number, chunk.shape, [], []))
+                room = VAL_BATCH_IMAGES - chunk.start
+                val_batches[-1].samples += chunk.samples[:room]
+                val_batches[-1].detections += [d.cpu() for d in detections[:room]]
+            scoring.add(chunk.members, chunk.samples, detections, chunk.shape)
     finally:
         if model is not None:
             model.train(was_training)
