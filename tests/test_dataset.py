@@ -239,6 +239,20 @@ def test_load_split_serves_usable_images_in_upstream_order(small_dataset):
     assert load_split(cfg, "val").fingerprint != split.fingerprint
 
 
+def test_load_splits_reads_a_file_two_splits_list_once(small_dataset, monkeypatch):
+    import yolo.data.index as index_module
+
+    read = []
+    verify = index_module.verify_file
+    monkeypatch.setattr(index_module, "verify_file", lambda task: read.append(task[2]) or verify(task))
+    # upstream's coco128.yaml validates on its train folder: the same files in both splits
+    cfg = load_data_config(write_yaml(small_dataset, "train: images/train\nval: images/train\nnames: [a, b, c]\n"))
+    splits = index_module.load_splits(cfg, ("train", "val"))
+    assert sorted(read) == sorted(f"images/train/{n}.png" for n in ("bg", "broken", "im0", "im1", "im2", "im3"))
+    assert splits["val"].files == splits["train"].files == load_split(cfg, "val").files
+    assert splits["val"].fingerprint == load_split(cfg, "val").fingerprint  # the same records, the same hash
+
+
 def test_load_split_errors(small_dataset):
     cfg = load_data_config(write_yaml(small_dataset, "train: images/train\nval: images/none\nnames: [a, b, c]\n"))
     with pytest.raises(UserError, match="images/none does not exist"):

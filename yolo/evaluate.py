@@ -42,6 +42,7 @@ from yolo.errors import UserError
 from yolo.files import prepare_out_dir, write_json, write_text
 from yolo.imgsz import MAX_STRIDE, require_stride_multiple
 from yolo.metrics import IOU_THRESHOLDS, ClassAP, ConfusionMatrix, ap_per_class, fitness, match_predictions
+from yolo.plots.processes import PlotProcesses
 from yolo.tta import augmented
 
 LOG = logging.getLogger(__name__)
@@ -332,13 +333,15 @@ def evaluate_model(
     plots: bool = False,
     compute_loss=None,
     progress: bool = False,
+    plotter: PlotProcesses | None = None,
 ) -> EvalResult:
     """Evaluate `model` (already on `device`, fp16 on CUDA if wanted) on a SplitIndex; writes nothing unless
     out_dir is given (then plots when plots=True). With plots=True the result also keeps the first batches'
     images (result.val_batches) so that `save_plots` can draw them later. The model's train/eval mode is
     restored afterwards.
     `compute_loss` (train's YoloLoss, a torch model only): also the mean val box/obj/cls losses, as upstream.
-    `progress`: a tqdm bar over the batches (on stderr)."""
+    `progress`: a tqdm bar over the batches (on stderr). `plotter`: where the matplotlib figures are drawn
+    (see save_plots)."""
     device = torch.device(device)
     if len(index) == 0:
         raise UserError(f"split {getattr(index, 'split', '') or '?'} has no usable images to evaluate")
@@ -412,23 +415,26 @@ def evaluate_model(
     result.nonfinite_images = scoring.nonfinite_images
     result.val_batches = val_batches
     if plots and out_dir is not None:
-        save_plots(result, Path(out_dir))
+        save_plots(result, Path(out_dir), plotter)
     if losses is not None:
         result.losses = (losses / max(loss_batches, 1)).tolist()
     return result
 
 
-def save_plots(result: EvalResult, out_dir: Path) -> None:
+def save_plots(result: EvalResult, out_dir: Path, plotter: PlotProcesses | None = None) -> None:
     """Everything evaluate draws, into out_dir: val_batch*_{labels,pred}.jpg (from result.val_batches),
-    the PR/F1/P/R curves and the confusion matrix. The trainer calls it once, for its best epoch."""
-    from yolo.plots.evaluation import save_evaluation_plots  # matplotlib only when drawing
+    the PR/F1/P/R curves and the confusion matrix. The matplotlib figures go to `plotter`'s processes
+    (drawn here without one) while this process draws the val_batch images (OpenCV); returns when all
+    are written. The trainer calls it once, for its best epoch."""
+    from yolo.plots.evaluation import evaluation_figures  # matplotlib only when drawing
 
-    # the val_batch images are OpenCV work (it releases the GIL): drawn beside matplotlib's curves
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="val-batch-plots") as pool:
-        drawn = [pool.submit(_plot_val_batch, out_dir, batch, result.names) for batch in result.val_batches]
-        save_evaluation_plots(result.class_ap, result.confusion.normalized(), result.names, out_dir)
-        for future in drawn:
-            future.result()
+    own = plotter is None
+    plotter = PlotProcesses(0) if own else plotter
+    for what, fn, args in evaluation_figures(result.class_ap, result.confusion.normalized(), result.names, out_dir):
+        plotter.submit(what, fn, *args)
+    for batch in result.val_batches:
+        _plot_val_batch(out_dir, batch, result.names)
+    plotter.wait()
 
 
 def _plot_val_batch(out_dir: Path, batch: ValBatch, names) -> None:
@@ -720,6 +726,23 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
     data = load_data_config(cfg.data)
     if cfg.split not in data.splits:
         raise UserError(f"{data.yaml_path}: no `{cfg.split}` split defined")
+    if speed_only:
+        index, model = _load(cfg, device, data)
+        return _evaluate(cfg, device, data, index, model, out, None), {}
+    # the plotting processes start now: their imports overlap loading the data and the model
+    with PlotProcesses() as plotter:
+        index, model = _load(cfg, device, data)
+        # the dataset fingerprint (lineage) also covers the other splits: verified in the background while
+        # the model runs (hashing and decoding release the GIL); started after every check of the inputs
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint") as background:
+            pending = background.submit(dataset_fingerprint_of, data, cfg.index, {cfg.split: index.fingerprint})
+            result = _evaluate(cfg, device, data, index, model, out, plotter)
+            fingerprint = pending.result()
+    return _write_outputs(cfg, result, index, fingerprint, baseline, out)
+
+
+def _load(cfg: EvaluateStepConfig, device: torch.device, data) -> tuple[Any, Backend]:
+    """The split's index and the model, checked, on the backend evaluation runs it with."""
     index = load_split(data, cfg.split, index_dir=cfg.index, single_cls=cfg.eval.single_cls)
     if index.skipped:
         LOG.warning(f"{cfg.split}: skipped {len(index.skipped)} unusable image(s), e.g. {index.skipped[0]}")
@@ -738,24 +761,17 @@ def evaluate_step(cfg: EvaluateStepConfig) -> tuple[EvalResult, dict]:
         model = on_onnxruntime(model, threads)
         if cfg.eval.channels_last and model.meta.kind == "pytorch":
             model.module.to(memory_format=torch.channels_last)
-    if speed_only:
-        return _evaluate(cfg, device, data, index, model, out, plots=False), {}
-    # the dataset fingerprint (lineage) also covers the other splits: verified in the background while
-    # the model runs (hashing and decoding release the GIL); started after every check of the inputs
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint") as background:
-        pending = background.submit(dataset_fingerprint_of, data, cfg.index, {cfg.split: index.fingerprint})
-        result = _evaluate(cfg, device, data, index, model, out, plots=True)
-        fingerprint = pending.result()
-    return _write_outputs(cfg, result, index, fingerprint, baseline, out)
+    return index, model
 
 
 def _evaluate(cfg: EvaluateStepConfig, device: torch.device, data, index, model: Backend, out: Path,
-              plots: bool) -> EvalResult:
+              plotter: PlotProcesses | None) -> EvalResult:
+    """evaluate_model with the step's settings; plots into `out` when given a plotter."""
     LOG.info(f"evaluating {cfg.weights} on {len(index)} {cfg.split} images at {cfg.eval.imgsz} "
              f"(batch {cfg.eval.batch_size}) on {device}")
     t = time.perf_counter()
-    result = evaluate_model(model, index, cfg.eval, device, list(data.names), out_dir=out if plots else None,
-                            plots=plots, progress=True)
+    result = evaluate_model(model, index, cfg.eval, device, list(data.names), out_dir=out,
+                            plots=plotter is not None, progress=True, plotter=plotter)
     LOG.info(f"evaluated in {time.perf_counter() - t:.1f}s")
     return result
 

@@ -51,6 +51,8 @@ from yolo.errors import UserError
 from yolo.evaluate import EvalConfig, EvalResult, evaluate_model, save_plots
 from yolo.files import write_json
 from yolo.model.checkpoint import load_checkpoint, model_from_checkpoint
+from yolo.plots.evaluation import EVALUATION_FIGURES
+from yolo.plots.processes import PlotProcesses
 from yolo.redact import redact, strip_credentials
 
 __all__ = ["TrainConfig", "TrainResult", "add_arguments", "config_from_args", "run", "train"]
@@ -102,16 +104,18 @@ class Loop:
 def train(cfg: TrainConfig, stop: StopRequested | None = None) -> TrainResult:
     """Run the train step described by `cfg` (the CLI's `train`); `stop` decides when to stop early
     (default: on SIGTERM/SIGINT)."""
+    ctx = dist_utils.context_from_env()
+    # rank 0's plotting processes fork first, while this process has no other thread (yolo.plots.processes)
+    plotter = PlotProcesses() if ctx.is_main else PlotProcesses(0)
     # torch.optim imports torch._dynamo when the optimizer is built (~2 s on a 2-core CPU): start that
     # import now, so that it overlaps reading the data and building the model instead of following them
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="import-dynamo").start()
-    ctx = dist_utils.context_from_env()
     # process-wide torch settings a run changes (--deterministic, threads): restored for library callers
     saved = (torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())
     setup = loop = None
     try:
         setup = run_setup.prepare_run(cfg, ctx)
-        loop = build_loop(setup)
+        loop = build_loop(setup, plotter)
         with stop or StopRequested() as active:
             return fit(loop, active)
     finally:
@@ -119,6 +123,7 @@ def train(cfg: TrainConfig, stop: StopRequested | None = None) -> TrainResult:
             loop.report.close()
             # normally already closed; after an error, give the newest checkpoint a minute to reach the store
             loop.checkpoints.close(timeout=60)
+        plotter.close()  # figures still pending are drawn before the run ends
         if setup is not None:
             setup.release()
         dist_utils.shutdown(ctx)
@@ -126,7 +131,7 @@ def train(cfg: TrainConfig, stop: StopRequested | None = None) -> TrainResult:
         torch.set_num_threads(saved[1])
 
 
-def build_loop(setup: RunSetup) -> Loop:
+def build_loop(setup: RunSetup, plotter: PlotProcesses) -> Loop:
     """Optimiser, EMA, scaler, schedule and DDP for the prepared run; the resumed state put back last."""
     cfg, ctx, device, hyp, model = setup.cfg, setup.ctx, setup.device, setup.hyp, setup.model
     amp = device.type == "cuda"
@@ -148,7 +153,7 @@ def build_loop(setup: RunSetup) -> Loop:
         train_model = DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
     checkpoints = RunCheckpoints(setup)
     report = RunReport(setup.out, ctx.is_main, cfg.epochs, nb, device, setup.names, checkpoints.publish,
-                       tensorboard=cfg.tensorboard, train_labels=setup.train_index.labels)
+                       tensorboard=cfg.tensorboard, train_labels=setup.train_index.labels, plotter=plotter)
     state = TrainState(mloss=torch.zeros(3, device=device))
     resumed_seconds = 0.0
     if setup.resume_state is not None:
@@ -174,18 +179,9 @@ def fit(loop: Loop, stop: StopRequested) -> TrainResult:
             f"accumulate to {loop.schedule.accumulate(10**9)} batches, imgsz {cfg.imgsz}, {setup.device}, "
             f"{setup.train_loader.num_workers} loader workers -> {setup.out}"
         )
-    labels_plot = None
     if state.epoch == 0 and state.iteration == 0:
-        # drawn while the loader workers start and the first epoch runs (Agg figures, no pyplot state):
-        # ~2 s of matplotlib that would otherwise come before the first step
-        labels_plot = threading.Thread(target=loop.report.plot_labels, args=(setup.train_index.labels, cfg.seed),
-                                       name="plot-labels", daemon=True)
-        labels_plot.start()
-    try:
-        return run_epochs(loop, stop)
-    finally:
-        if labels_plot is not None:
-            labels_plot.join()
+        loop.report.plot_labels(setup.train_index.labels, cfg.seed)  # drawn beside the first epoch
+    return run_epochs(loop, stop)
 
 
 def run_epochs(loop: Loop, stop: StopRequested) -> TrainResult:
@@ -420,6 +416,7 @@ def preempted(loop: Loop, stop: StopRequested) -> TrainResult:
         if state.iteration:  # at an epoch end last.pt was written a moment ago
             save_last(loop)
         loop.report.plot_results(state.history)
+        loop.report.finish_figures()
         LOG.warning(
             f"stopped by {'signal' if stop.requested else 'request'} at epoch {state.epoch} batch "
             f"{state.iteration}/{loop.nb}: weights/last.pt holds the state; run the same command to continue"
@@ -440,6 +437,7 @@ def finish(loop: Loop) -> TrainResult:
         loop.checkpoints.publish(setup.out / "args.yaml", "args.yaml")
         loop.report.plot_results(state.history)
         validate_best(loop)
+        loop.report.finish_figures(EVALUATION_FIGURES)
         LOG.info(
             f"{len(state.history)} epochs done in {state.run_seconds / 60:.1f} min "
             f"({doc['images_per_s']:.1f} img/s, data wait {100 * doc['data_wait_share']:.0f}%); best epoch "
@@ -460,17 +458,14 @@ def validate_best(loop: Loop) -> None:
     if not best.is_file():
         return
     if loop.best_eval is not None:
-        save_plots(loop.best_eval, setup.out)
+        save_plots(loop.best_eval, setup.out, loop.report.plotter)
     else:
         model = model_from_checkpoint(load_checkpoint(best), nc=len(setup.names)).to(setup.device)
         model = model.half() if loop.amp else model.float()
         config = EvalConfig(imgsz=setup.cfg.imgsz, batch_size=max(setup.cfg.batch_size * 2, 1),
                             single_cls=setup.cfg.single_cls)
         evaluate_model(model, setup.val_index, config, setup.device, setup.names, out_dir=setup.out, plots=True,
-                       progress=True)
-    for name in ("confusion_matrix.png", "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"):
-        if (setup.out / name).is_file():
-            loop.checkpoints.publish(setup.out / name, name)
+                       progress=True, plotter=loop.report.plotter)
 
 
 def close_sink(loop: Loop) -> None:

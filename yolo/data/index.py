@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -263,7 +263,7 @@ def verify_split(data: DataConfig, split: str, images: list[Path] | None = None,
                       data.real_root))
         slots.append(i)
     if previous and tasks:
-        LOG.info(f"{split}: {len(images) - len(tasks)} files unchanged since indexing, checking {len(tasks)}")
+        LOG.info(f"{split}: {len(images) - len(tasks)} files unchanged since verified, checking {len(tasks)}")
     desc = f"{split}: verifying {len(tasks)} images" if progress else None
     for slot, task, result in zip(slots, tasks, parallel_map(verify_file, tasks, workers, executor, desc),
                                   strict=True):
@@ -312,23 +312,36 @@ def load_split(data: DataConfig, split: str, index_dir: str | os.PathLike | None
                single_cls: bool = False) -> SplitIndex:
     """The verified usable images of `split`: from validate's index when it still matches the files on
     disk (changed files are re-verified), else verified in-process (nothing written)."""
+    return load_splits(data, [split], index_dir, single_cls)[split]
+
+
+def load_splits(data: DataConfig, splits: Sequence[str], index_dir: str | os.PathLike | None = None,
+                single_cls: bool = False) -> dict[str, SplitIndex]:
+    """load_split for several splits, each file read once: a file that two splits list (coco128's train
+    and val are one folder) reuses the first split's record while its size and mtime are unchanged."""
     yaml_sha = yaml_hash(data)
-    previous = None
-    if index_dir is not None:
-        previous = read_split_records(Path(index_dir), split, yaml_sha)
-    images = list_split_images(data, split)
-    if not images:
-        raise UserError(f"{data.yaml_path}: split `{split}` has no images "
-                        f"(looked in {', '.join(map(str, data.splits[split]))})")
-    records = verify_split(data, split, images, previous=previous)
-    index = split_index_from_records(data, split, records, split_fingerprint(yaml_sha, split, records), single_cls)
-    if not index.files:
-        raise UserError(f"{data.yaml_path}: split `{split}` has no usable images ({len(index.skipped)} skipped; "
-                        f"run `yolo-pipeline validate` for the reasons)")
-    if index.skipped:
-        LOG.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
-                    f"(see validate's report.json)")
-    return index
+    verified: dict[str, FileRecord] = {}  # by path relative to the root, across the splits
+    indexes = {}
+    for split in splits:
+        previous = dict(verified)
+        if index_dir is not None:
+            previous.update(read_split_records(Path(index_dir), split, yaml_sha) or {})
+        images = list_split_images(data, split)
+        if not images:
+            raise UserError(f"{data.yaml_path}: split `{split}` has no images "
+                            f"(looked in {', '.join(map(str, data.splits[split]))})")
+        records = verify_split(data, split, images, previous=previous)
+        verified.update((r.image, r) for r in records)
+        index = split_index_from_records(data, split, records, split_fingerprint(yaml_sha, split, records),
+                                         single_cls)
+        if not index.files:
+            raise UserError(f"{data.yaml_path}: split `{split}` has no usable images ({len(index.skipped)} "
+                            f"skipped; run `yolo-pipeline validate` for the reasons)")
+        if index.skipped:
+            LOG.info(f"{split}: {len(index.files)} usable images, {len(index.skipped)} skipped "
+                     f"(see validate's report.json)")
+        indexes[split] = index
+    return indexes
 
 
 # ---------------------------------------------------------------------------------------------- on disk

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from yolo.engine.state import EpochLog
 from yolo.errors import UserError
 from yolo.files import write_text
+from yolo.plots.processes import PlotProcesses
 
 LOG = logging.getLogger(__name__)
 PROGRESS_REFRESH_S = 0.5  # losses are read back to the host for the bar at most this often
@@ -58,10 +59,12 @@ class RunReport:
     """Progress, results and TensorBoard of one run; `publish(path, key)` mirrors what it writes."""
 
     def __init__(self, out: Path, is_main: bool, epochs: int, batches_per_epoch: int, device: torch.device,
-                 names: list[str], publish, tensorboard: bool = False, train_labels=()) -> None:
+                 names: list[str], publish, tensorboard: bool = False, train_labels=(),
+                 plotter: PlotProcesses | None = None) -> None:
         self.out, self.is_main, self.epochs, self.nb, self.device = out, is_main, epochs, batches_per_epoch, device
         self.names = names
         self.publish = publish
+        self.plotter = plotter if plotter is not None else PlotProcesses(0)  # matplotlib figures go there
         self.tb = self._tensorboard(train_labels) if tensorboard and is_main else None
         self._bar = None
         self._last_refresh = 0.0
@@ -108,17 +111,15 @@ class RunReport:
             self._bar = None
 
     def plot_labels(self, train_labels, seed: int) -> None:
-        """labels.jpg and labels_correlogram.jpg of the training labels, as upstream (never fails the run)."""
+        """labels.jpg and labels_correlogram.jpg of the training labels, as upstream: handed to the plotting
+        processes, drawn while the run starts (a figure never fails the run)."""
         if not self.is_main:
             return
-        try:
-            from yolo.plots.labels import plot_correlogram, plot_labels  # matplotlib: only when drawing
+        from yolo.plots.labels import plot_correlogram, plot_labels  # matplotlib itself: in the plotter
 
-            boxes = np.concatenate([np.asarray(lb)[:, :5] for lb in train_labels] or [np.zeros((0, 5))])
-            plot_labels(boxes, self.names, self.out / "labels.jpg", seed=seed)
-            plot_correlogram(boxes, self.out / "labels_correlogram.jpg")
-        except Exception as e:  # noqa: BLE001 - a plot must never stop training
-            LOG.warning(f"labels.jpg not drawn: {e}")
+        boxes = np.concatenate([np.asarray(lb)[:, :5] for lb in train_labels] or [np.zeros((0, 5))])
+        self.plotter.submit("labels.jpg", plot_labels, boxes, list(self.names), self.out / "labels.jpg", seed)
+        self.plotter.submit("labels_correlogram.jpg", plot_correlogram, boxes, self.out / "labels_correlogram.jpg")
 
     def plot_batch(self, imgs, targets, paths, i: int) -> None:
         """train_batch{i}.jpg for the first batches of the first epoch (never fails the run)."""
@@ -163,16 +164,23 @@ class RunReport:
         self.publish(self.out / "results.csv", "results.csv")
 
     def plot_results(self, history: list[dict[str, Any]]) -> None:
-        """results.png, drawn once at the end (matplotlib costs seconds, too much for every epoch)."""
+        """results.png, once at the end (matplotlib costs seconds, too much for every epoch): handed to the
+        plotting processes; `finish_figures` waits for it."""
         if not self.is_main:
             return
-        try:
-            from yolo.plots.results import plot_results  # matplotlib: heavy, only when drawing
+        from yolo.plots.results import plot_results  # matplotlib itself: in the plotter
 
-            if plot_results(history, self.out / "results.png") is not None:
-                self.publish(self.out / "results.png", "results.png")
-        except Exception as e:  # noqa: BLE001 - a plot must never fail the run
-            LOG.warning(f"results.png not drawn: {e}")
+        self.plotter.submit("results.png", plot_results, [dict(row) for row in history], self.out / "results.png")
+
+    def finish_figures(self, names: tuple[str, ...] = ()) -> None:
+        """Wait for every figure handed to the plotter, then mirror results.png and `names` (files in the
+        run folder) where the checkpoints go."""
+        if not self.is_main:
+            return
+        self.plotter.wait()
+        for name in ("results.png", *names):
+            if (self.out / name).is_file():
+                self.publish(self.out / name, name)
 
     def close(self) -> None:
         self.close_bar()

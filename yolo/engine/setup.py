@@ -22,7 +22,7 @@ import yaml
 
 from yolo.anchors import check_anchors_inline, read_anchors_json
 from yolo.data.dataset import SplitIndex, load_data_config
-from yolo.data.index import dataset_fingerprint_of, load_split
+from yolo.data.index import dataset_fingerprint_of, load_splits
 from yolo.data.loader import TrainDataset, TrainLoader, create_train_loader
 from yolo.device import cpu_threads, select_device
 from yolo.engine import distributed as dist_utils
@@ -231,8 +231,8 @@ def _load_data(cfg: TrainConfig):
     for split in ("train", "val"):
         if split not in data.splits:
             raise UserError(f"{data.yaml_path}: no `{split}` split (training needs train and val)")
-    train_index = load_split(data, "train", index_dir=cfg.index, single_cls=cfg.single_cls)
-    val_index = load_split(data, "val", index_dir=cfg.index, single_cls=cfg.single_cls)
+    splits = load_splits(data, ("train", "val"), index_dir=cfg.index, single_cls=cfg.single_cls)
+    train_index, val_index = splits["train"], splits["val"]
     fingerprint = dataset_fingerprint_of(data, cfg.index, {"train": train_index.fingerprint,
                                                            "val": val_index.fingerprint})
     if train_index.labels:

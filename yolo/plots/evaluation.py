@@ -7,21 +7,29 @@ atomically. Layout follows upstream's figures so they read the same.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from yolo.files import atomic_path
 from yolo.metrics import ClassAP, ap_per_class, smooth
 
 LEGEND_MAX_CLASSES = 20  # a legend per class only while it stays readable (upstream: < 21)
 # fixed margins (room for the legend on the right): tight_layout would draw every figure twice
+EVALUATION_FIGURES = ("confusion_matrix.png", "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png")
 CURVE_MARGINS = {"left": 0.08, "right": 0.7, "bottom": 0.1, "top": 0.93}
 
 
-def _save(fig: Figure, path: Path) -> None:
+def _figure(width: float, height: float):
+    """A new Agg figure. matplotlib is imported here, not with the module: a step that hands its figures
+    to plotting processes (yolo.plots.processes) never pays for the import itself."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         # zlib level 1: a third of the encode time of the default 6 for ~1.3x the bytes (curves and
         # a matrix compress well at any level)
@@ -34,7 +42,7 @@ def _class_labels(class_ap: ClassAP, names: Sequence[str]) -> list[str]:
 
 def plot_pr_curve(class_ap: ClassAP, names: Sequence[str], path: Path) -> None:
     """Precision vs recall at IoU 0.5 per class, with the mean curve and mAP50 in the legend."""
-    fig = Figure(figsize=(9, 6))
+    fig = _figure(9, 6)
     fig.subplots_adjust(**CURVE_MARGINS)
     ax = fig.subplots()
     recall, curves = class_ap.conf_grid, class_ap.pr_curve
@@ -60,7 +68,7 @@ def plot_confidence_curve(
     class_ap: ClassAP, curves: np.ndarray, names: Sequence[str], path: Path, ylabel: str
 ) -> None:
     """A metric (F1, precision or recall) vs confidence per class, with the smoothed mean and its peak."""
-    fig = Figure(figsize=(9, 6))
+    fig = _figure(9, 6)
     fig.subplots_adjust(**CURVE_MARGINS)
     ax = fig.subplots()
     conf = class_ap.conf_grid
@@ -87,7 +95,7 @@ def plot_confusion_matrix(normalized: np.ndarray, names: Sequence[str], path: Pa
     """Column-normalised confusion matrix (rows predicted, columns true), background last."""
     n = normalized.shape[0]
     shown = np.where(normalized < 0.005, np.nan, normalized)  # blank instead of a wall of 0.00
-    fig = Figure(figsize=(12, 9))
+    fig = _figure(12, 9)
     fig.subplots_adjust(left=0.12, right=0.98, bottom=0.14, top=0.95)
     ax = fig.subplots()
     image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -109,22 +117,23 @@ def plot_confusion_matrix(normalized: np.ndarray, names: Sequence[str], path: Pa
     _save(fig, path)
 
 
-def save_evaluation_plots(
+def evaluation_figures(
     class_ap: ClassAP | None, confusion_normalized: np.ndarray, names: Sequence[str], out_dir: Path
-) -> list[Path]:
-    """Write PR_curve, F1_curve, P_curve, R_curve and confusion_matrix PNGs into out_dir; returns paths."""
+) -> list[tuple[str, Callable, tuple]]:
+    """(what, function, args) for PR_curve, F1_curve, P_curve, R_curve and confusion_matrix PNGs in out_dir:
+    each one independent of the others, to be drawn here or in a plotting process."""
     out_dir = Path(out_dir)
     if class_ap is None:  # no labels: draw empty axes so the outputs always exist
         class_ap = ap_per_class(np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.zeros(0))
-    written = [out_dir / "PR_curve.png"]
-    plot_pr_curve(class_ap, names, written[0])
+    names = list(names)
+    figures: list[tuple[str, Callable, tuple]] = [
+        ("confusion_matrix.png", plot_confusion_matrix, (confusion_normalized, names, out_dir / "confusion_matrix.png")),
+        ("PR_curve.png", plot_pr_curve, (class_ap, names, out_dir / "PR_curve.png")),
+    ]
     for curves, name, ylabel in (
         (class_ap.f1_curve, "F1_curve.png", "F1"),
         (class_ap.p_curve, "P_curve.png", "Precision"),
         (class_ap.r_curve, "R_curve.png", "Recall"),
     ):
-        written.append(out_dir / name)
-        plot_confidence_curve(class_ap, curves, names, written[-1], ylabel)
-    written.append(out_dir / "confusion_matrix.png")
-    plot_confusion_matrix(confusion_normalized, names, written[-1])
-    return written
+        figures.append((name, plot_confidence_curve, (class_ap, curves, names, out_dir / name, ylabel)))
+    return figures
