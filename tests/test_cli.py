@@ -42,3 +42,16 @@ def test_version(capsys):
     except SystemExit as e:
         assert e.code == 0
     assert __version__ in capsys.readouterr().out
+
+
+def test_program_returns_mains_exit_code_and_freezes_the_heap_for_shutdown(monkeypatch):
+    import gc
+
+    from yolo import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 2)
+    try:
+        assert cli.program() == 2
+        assert gc.get_freeze_count() > 0  # shutdown's collections skip what existed when the step ended
+    finally:
+        gc.unfreeze()

@@ -1,3 +1,3 @@
-from yolo.cli import main
+from yolo.cli import program
 
-raise SystemExit(main())
+raise SystemExit(program())
