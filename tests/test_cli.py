@@ -49,7 +49,7 @@ def test_program_returns_mains_exit_code_and_freezes_the_heap_for_shutdown(monke
 
     from yolo import cli
 
-    monkeypatch.setattr(cli, "main", lambda: 2)
+    monkeypatch.setattr(cli, "main", lambda executable: 2 if executable else 0)
     try:
         assert cli.program() == 2
         assert gc.get_freeze_count() > 0  # shutdown's collections skip what existed when the step ended
