@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from tests.data_faults import (
     write_yaml,
 )
 from yolo.data.dataset import (
+    _decoded_shape,
     check_image_bytes,
     label_path_for,
     list_split_images,
@@ -29,6 +31,7 @@ from yolo.data.dataset import (
     parse_data_config,
     parse_label_bytes,
 )
+from yolo.data.image import image_header_size
 from yolo.data.index import FileRecord, load_split
 from yolo.errors import UserError
 
@@ -209,6 +212,45 @@ def test_image_checks():
     assert check_image_bytes(png_bytes(image_array(9, 40)))[1:] == (
         [("image_too_small", "image is 40x9 px, under 10 px on a side")], False)
     assert check_image_bytes(png_bytes(image_array(10, 10)))[2]
+
+
+def _textured_jpeg(h: int, w: int, exif_orientation: int | None = None, progressive: bool = False) -> bytes:
+    rng = np.random.default_rng(h * w)
+    im = cv2.resize(rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8), (w, h))
+    im = cv2.add(im, rng.integers(0, 40, im.shape, dtype=np.uint8))  # entropy in every block
+    if exif_orientation is not None:
+        return jpeg_bytes(im, exif_orientation)
+    return cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)])[1].tobytes()
+
+
+def _full_decode_shape(data: bytes):
+    try:
+        im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+    return None if im is None else im.shape[:2]
+
+
+@settings(max_examples=200, deadline=None)
+@given(progressive=st.booleans(), cut=st.floats(0.0, 1.0), flips=st.lists(
+    st.tuples(st.floats(0.0, 1.0), st.integers(0, 255)), max_size=6))
+def test_the_eighth_scale_check_rejects_exactly_what_a_full_decode_rejects(progressive, cut, flips):
+    """validate decodes JPEGs at 1/8 scale (yolo.data.dataset._decoded_shape): what it accepts must load."""
+    data = bytearray(_textured_jpeg(120, 200, progressive=progressive))
+    for where, value in flips:  # anywhere: headers, tables, entropy-coded data
+        data[int(where * (len(data) - 1))] = value
+    data = bytes(data[: max(4, int(cut * len(data)))] if cut < 0.98 else data)
+    size = image_header_size(data)
+    if size is None or data[:3] != b"\xff\xd8\xff":
+        return  # refused before any decode
+    assert _decoded_shape(data, True, size) == _full_decode_shape(data)
+
+
+def test_the_eighth_scale_check_reports_the_full_size_turned_by_exif():
+    for h, w, orientation, expected in ((48, 64, None, (48, 64)), (48, 64, 6, (64, 48)), (200, 120, 8, (120, 200)),
+                                        (60, 64, 6, (64, 60)), (64, 64, 6, (64, 64)), (61, 67, 6, (67, 61))):
+        data = _textured_jpeg(h, w, orientation)
+        assert check_image_bytes(data)[0] == expected == _full_decode_shape(data), (h, w, orientation)
 
 
 # ---------------------------------------------------------------------------------------------- load_split
