@@ -51,6 +51,9 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
+READ_CHUNK = 1 << 16  # read size once past what fstat announced (a file that grows)
+
+
 def in_virtual_filesystem(real_path: str | os.PathLike) -> bool:
     p = os.fspath(real_path)
     return any(p == v or p.startswith(v + os.sep) for v in VIRTUAL_FILESYSTEMS)
@@ -70,10 +73,11 @@ def check_regular(st: os.stat_result, path: str | os.PathLike, max_bytes: int, w
         raise InputRefused(TOO_LARGE, f"{what} {path} {detail}", detail)
 
 
-def check_file(path: str | os.PathLike, max_bytes: int, what: str) -> os.stat_result:
+def check_file(path: str | os.PathLike, max_bytes: int, what: str,
+               real_path: str | None = None) -> os.stat_result:
     """The stat of a regular file of at most max_bytes outside the virtual filesystems (InputRefused
-    otherwise; OSError as os raises it), found without opening it."""
-    if in_virtual_filesystem(os.path.realpath(path)):
+    otherwise; OSError as os raises it), found without opening it. real_path: the caller's resolved path."""
+    if in_virtual_filesystem(real_path or os.path.realpath(path)):
         detail = f"lies in a virtual filesystem ({', '.join(VIRTUAL_FILESYSTEMS)}): not read"
         raise InputRefused(VIRTUAL_FILESYSTEM, f"{what} {path} {detail}", detail)
     st = os.stat(path)
@@ -81,18 +85,31 @@ def check_file(path: str | os.PathLike, max_bytes: int, what: str) -> os.stat_re
     return st
 
 
-def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str) -> tuple[bytes, os.stat_result]:
+def read_regular_file(path: str | os.PathLike, max_bytes: int, what: str,
+                      real_path: str | None = None) -> tuple[bytes, os.stat_result]:
     """(bytes, stat) of a regular file of at most max_bytes; InputRefused otherwise, OSError as os raises it.
+    real_path: the caller's resolved path, when it has one (saves resolving it again).
 
     The kind is checked with stat before the file is opened (opening a tape device or a FIFO has
     effects of its own), and again on the open file with O_NONBLOCK, so a file swapped for a FIFO in
-    between cannot make the read hang."""
-    check_file(path, max_bytes, what)
+    between cannot make the read hang. The read asks for the size fstat gave (not max_bytes, which
+    would allocate that much for every small file), then reads on to the end or past max_bytes."""
+    check_file(path, max_bytes, what, real_path)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         check_regular(st, path, max_bytes, what)
-        data = f.read(max_bytes + 1)
+        chunks, size = [], 0
+        want = st.st_size + 1
+        while size <= max_bytes:
+            chunk = os.read(fd, max(want - size, READ_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if len(data) > max_bytes:  # it grew while being read
         detail = f"has more than the {max_bytes} bytes a {what} may have: not read"
         raise InputRefused(TOO_LARGE, f"{what} {path} {detail}", detail)
