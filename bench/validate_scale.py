@@ -5,7 +5,7 @@
 Writes N synthetic 640x480 JPEGs (smooth random colour fields with a few drawn boxes, ~60 KB each, like
 photos in size) with YOLO labels into a scratch folder, all in the train split (plus a token val split), then times by
 /usr/bin/time (wall, peak RSS), each once, on a quiet machine:
-- ours: `yolo-pipeline validate` (full decode of every image, sha256 of image and label, label checks,
+- ours: `yolo-pipeline validate` (every image decoded, JPEGs at 1/8 scale; sha256 of image and label, label checks,
   index written);
 - ours: the loader's start-up over that index: load the split from the index and build the train loader
   (what `train` does before its first batch), in a fresh process;
@@ -115,7 +115,7 @@ def main() -> int:
         wall, rss = timed(
             [str(REPO / ".venv/bin/yolo-pipeline"), "validate", "--data", str(yaml_path), "--out", str(out)]
         )
-        rows.append((n, "ours: `yolo-pipeline validate` (full decode + sha256)", wall, rss, load))
+        rows.append((n, "ours: `yolo-pipeline validate` (every JPEG decoded at 1/8 scale, sha256)", wall, rss, load))
         wall, rss = timed([sys.executable, "-c", LOADER_STARTUP, str(yaml_path), str(out / "index")])
         rows.append((n, "ours: loader start-up from the index", wall, rss, os.getloadavg()[0]))
         (args.work / "data/labels/train.cache").unlink(missing_ok=True)
