@@ -1,6 +1,7 @@
 """Validation at scale, whole commands side by side with upstream: images/s and peak RSS, linear in N?
 
     .venv/bin/python bench/validate_scale.py --upstream DIR --upstream-python PY [--sizes 5000 20000]
+    .venv/bin/python bench/validate_scale.py --upstream DIR --upstream-python PY --dataset DATA_YAML [--rounds 3]
 
 Writes N synthetic 640x480 JPEGs (smooth random colour fields with a few drawn boxes, ~60 KB each, like
 photos in size) with YOLO labels into a scratch folder, all in the train split (plus a token val split), then times by
@@ -44,8 +45,9 @@ UPSTREAM_CACHE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from utils.dataloaders import LoadImagesAndLabels
-ds = LoadImagesAndLabels(sys.argv[2], img_size=640, batch_size=16)
-print(len(ds), "images cached")
+for folder in sys.argv[2:]:
+    ds = LoadImagesAndLabels(folder, img_size=640, batch_size=16)
+    print(len(ds), "images cached")
 """
 
 
@@ -98,13 +100,43 @@ def timed(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]:
     return res["wall"], res["rss_gb"]
 
 
+def existing_dataset(args: argparse.Namespace) -> int:
+    """An existing dataset (coco128): ours validating every split against upstream's cache build of each
+    split's image folder (its caches removed first), alternating, `--rounds` times."""
+    import yaml
+
+    doc = yaml.safe_load(args.dataset.read_text())
+    root = (args.dataset.parent / doc.get("path", ".")).resolve()
+    folders = [root / doc[split] for split in ("train", "val", "test") if doc.get(split)]
+    out = args.work / "validated"
+    print("| round | what | seconds | peak RSS GB | load average before |\n|---|---|---|---|---|")
+    for r in range(args.rounds):
+        for side in ("ours", "upstream") if r % 2 == 0 else ("upstream", "ours"):
+            load = os.getloadavg()[0]
+            if side == "ours":
+                shutil.rmtree(out, ignore_errors=True)
+                wall, rss = timed([str(REPO / ".venv/bin/yolo-pipeline"), "validate", "--data", str(args.dataset),
+                                   "--out", str(out)])
+            else:
+                for folder in folders:
+                    (folder.parent.parent / "labels" / f"{folder.name}.cache").unlink(missing_ok=True)
+                wall, rss = timed([args.upstream_python, "-c", UPSTREAM_CACHE, str(args.upstream),
+                                   *map(str, dict.fromkeys(folders))], cwd=args.upstream)
+            print(f"| {r} | {side} | {wall:.2f} | {rss:.2f} | {load:.2f} |", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--upstream", type=Path, required=True)
     ap.add_argument("--upstream-python", required=True)
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
+    ap.add_argument("--dataset", type=Path, help="time an existing data.yaml instead (e.g. coco128)")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "validate_scale")
     args = ap.parse_args()
+    if args.dataset is not None:
+        return existing_dataset(args)
     rows = []
     for n in args.sizes:
         shutil.rmtree(args.work, ignore_errors=True)
