@@ -40,7 +40,7 @@ def _start_worker(parent: int) -> None:
     worker's task pipe never reports EOF, so it would wait forever), lower priority, the parent ends the
     workers (a Ctrl-C or a pod's SIGTERM to the group must not kill a figure half-way), then the imports
     every figure needs."""
-    with contextlib.suppress(OSError, AttributeError):  # Linux only; elsewhere the parent's exit suffices
+    with contextlib.suppress(OSError, AttributeError):  # prctl is Linux-only, as is everything this ships on
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the line above
         os._exit(1)
