@@ -428,8 +428,8 @@ def save_plots(result: EvalResult, out_dir: Path, plotter: PlotProcesses | None 
     are written. The trainer calls it once, for its best epoch."""
     from yolo.plots.evaluation import evaluation_figures  # matplotlib only when drawing
 
-    own = plotter is None
-    plotter = PlotProcesses(0) if own else plotter
+    if plotter is None:
+        plotter = PlotProcesses(0)
     for what, fn, args in evaluation_figures(result.class_ap, result.confusion.normalized(), result.names, out_dir):
         plotter.submit(what, fn, *args)
     for batch in result.val_batches:

@@ -31,6 +31,7 @@ TOO_LARGE = "too_large"
 OUTSIDE_ROOT = "outside_root"
 VIRTUAL_FILESYSTEM = "virtual_filesystem"
 TOO_COMPLEX = "too_complex"
+READ_CHUNK = 1 << 16  # read size once past what fstat announced (a file that grows)
 
 
 class InputRefused(UserError):
@@ -49,9 +50,6 @@ def file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "special file"
-
-
-READ_CHUNK = 1 << 16  # read size once past what fstat announced (a file that grows)
 
 
 def in_virtual_filesystem(real_path: str | os.PathLike) -> bool:

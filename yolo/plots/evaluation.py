@@ -16,8 +16,9 @@ from yolo.files import atomic_path
 from yolo.metrics import ClassAP, ap_per_class, smooth
 
 LEGEND_MAX_CLASSES = 20  # a legend per class only while it stays readable (upstream: < 21)
-# fixed margins (room for the legend on the right): tight_layout would draw every figure twice
+# the files evaluation_figures writes, in the order it hands them out (the longest first)
 EVALUATION_FIGURES = ("confusion_matrix.png", "PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png")
+# fixed margins (room for the legend on the right): tight_layout would draw every figure twice
 CURVE_MARGINS = {"left": 0.08, "right": 0.7, "bottom": 0.1, "top": 0.93}
 
 
@@ -126,14 +127,11 @@ def evaluation_figures(
     if class_ap is None:  # no labels: draw empty axes so the outputs always exist
         class_ap = ap_per_class(np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.zeros(0))
     names = list(names)
-    figures: list[tuple[str, Callable, tuple]] = [
-        ("confusion_matrix.png", plot_confusion_matrix, (confusion_normalized, names, out_dir / "confusion_matrix.png")),
-        ("PR_curve.png", plot_pr_curve, (class_ap, names, out_dir / "PR_curve.png")),
+    confusion, pr, f1, p, r = (out_dir / name for name in EVALUATION_FIGURES)
+    return [
+        (confusion.name, plot_confusion_matrix, (confusion_normalized, names, confusion)),
+        (pr.name, plot_pr_curve, (class_ap, names, pr)),
+        (f1.name, plot_confidence_curve, (class_ap, class_ap.f1_curve, names, f1, "F1")),
+        (p.name, plot_confidence_curve, (class_ap, class_ap.p_curve, names, p, "Precision")),
+        (r.name, plot_confidence_curve, (class_ap, class_ap.r_curve, names, r, "Recall")),
     ]
-    for curves, name, ylabel in (
-        (class_ap.f1_curve, "F1_curve.png", "F1"),
-        (class_ap.p_curve, "P_curve.png", "Precision"),
-        (class_ap.r_curve, "R_curve.png", "Recall"),
-    ):
-        figures.append((name, plot_confidence_curve, (class_ap, curves, names, out_dir / name, ylabel)))
-    return figures
